@@ -1,0 +1,32 @@
+# Two commands for a fresh machine:
+#   make demo   - the CLI over the bundled demo data (the studio comes later)
+#   make test   - the test suite
+# Both create .venv and install what they need. CONSTRAINTS pins torch to the
+# CPU build for tests; GPU users: make demo CONSTRAINTS= keeps your CUDA torch.
+
+PYTHON ?= python3
+VENV ?= .venv
+CONSTRAINTS ?= ci/constraints.txt
+PIP = $(VENV)/bin/python -m pip
+STAMP = $(VENV)/.installed
+
+.PHONY: demo test bench clean
+
+$(STAMP): pyproject.toml ci/constraints.txt ci/test-requirements.txt
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e '.[test]'
+	$(PIP) install -q --no-deps -r ci/test-requirements.txt
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/ftstudio check-dataset assets/demo/studio_qa.json --tokenizer demo --template qwen_chat --max-length 256
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest -q
+
+bench: $(STAMP)
+	$(VENV)/bin/python bench/bench_data.py
+
+clean:
+	rm -rf $(VENV) work_dirs .pytest_cache

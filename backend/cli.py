@@ -1,0 +1,161 @@
+"""``ftstudio``: the command line. Each subcommand is a thin shell over a
+backend function that the studio calls too."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from .data.errors import DataError
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("path", help="dataset: local file (.json .jsonl .csv .parquet .arrow .txt), folder, or Hub id")
+    p.add_argument("--map-fn", default="auto", help="map_fn name, file.py:function or module:function (default: auto-detect)")
+    p.add_argument("--template", default="qwen_chat", help="prompt template (ftstudio list-template)")
+    p.add_argument("--tokenizer", required=True,
+                   help="tokenizer folder or Hub id; 'demo' builds the bundled demo tokenizer")
+    p.add_argument("--max-length", type=int, default=2048, help="cut samples at this many tokens")
+    p.add_argument("--split", default="train", help="dataset split (default: train)")
+    p.add_argument("--name", default=None, help="dataset configuration name (Hub datasets)")
+    p.add_argument("--data-files", nargs="+", default=None, help="data_files for load_dataset")
+    p.add_argument("--pack", action="store_true", help="also pack samples into max_length blocks")
+    p.add_argument("--num-proc", type=int, default=None, help="processes for the batched map")
+    p.add_argument("--max-rows", type=int, default=None, help="only the first N rows")
+
+
+def resolve_tokenizer(spec: str):
+    from .data import load_tokenizer
+
+    if spec == "demo":
+        from .demo import demo_tokenizer_dir
+
+        spec = str(demo_tokenizer_dir())
+    return load_tokenizer(spec)
+
+
+def _use_color(mode: str) -> bool:
+    if mode == "always":
+        return True
+    if mode == "never" or os.environ.get("NO_COLOR"):
+        return False
+    return sys.stdout.isatty()
+
+
+def render_trained(input_ids, labels, tokenizer, color: bool) -> str:
+    """The sample as text with its trained part marked: green in a terminal,
+    between ⟦ and ⟧ otherwise."""
+    out, group, trained = [], [], None
+    for tok, lab in zip(input_ids, labels):
+        flag = lab != -100
+        if trained is not None and flag != trained:
+            out.append((trained, tokenizer.decode(group)))
+            group = []
+        group.append(tok)
+        trained = flag
+    if group:
+        out.append((trained, tokenizer.decode(group)))
+    parts = []
+    for flag, text in out:
+        if color:
+            parts.append(f"\x1b[32m{text}\x1b[0m" if flag else f"\x1b[2m{text}\x1b[0m")
+        else:
+            parts.append(f"⟦{text}⟧" if flag else text)
+    return "".join(parts)
+
+
+def cmd_list_map_fn(args) -> int:
+    from .data.map_fns import MAP_FNS
+
+    width = max(map(len, MAP_FNS))
+    for name, info in sorted(MAP_FNS.items()):
+        print(f"{name:<{width}}  {info.description}")
+    return 0
+
+
+def cmd_list_template(args) -> int:
+    from .data.templates import TEMPLATES
+
+    width = max(map(len, TEMPLATES))
+    for name, t in sorted(TEMPLATES.items()):
+        print(f"{name:<{width}}  {t.description}")
+    return 0
+
+
+def cmd_check_dataset(args) -> int:
+    from .data import build_dataset
+
+    tokenizer = resolve_tokenizer(args.tokenizer)
+    samples, report = build_dataset(
+        args.path, tokenizer=tokenizer, template=args.template, map_fn=args.map_fn,
+        max_length=args.max_length, pack=args.pack, split=args.split, name=args.name,
+        data_files=args.data_files, num_proc=args.num_proc, max_rows=args.max_rows,
+    )
+    if args.json:
+        print(json.dumps(report.to_dict(), ensure_ascii=False, indent=2))
+        return 0
+    r = report
+    print(f"dataset     {r.source}")
+    print(f"map_fn      {r.map_fn} ({r.map_fn_reason})")
+    print(f"template    {r.template}    max_length {r.max_length}")
+    print(f"rows        {r.rows}   kept {r.kept}   dropped {r.dropped} "
+          f"(empty conversation {r.dropped_empty}, nothing to train {r.dropped_no_loss})   truncated {r.truncated}")
+    print(f"tokens      {r.tokens} in all, {r.trained_tokens} trained ({100 * r.trained_tokens / max(r.tokens, 1):.1f}%)")
+    pct = "  ".join(f"p{p}={v}" for p, v in r.length_percentiles.items())
+    print(f"length      {pct}")
+    if r.packed_blocks is not None:
+        print(f"packed      {r.packed_blocks} blocks of <= {r.max_length} tokens, {100 * r.pack_fill:.1f}% full")
+    print(f"cache       {'read from the datasets cache' if r.from_cache else 'computed'}")
+    color = _use_color(args.color)
+    first = samples[0]
+    if r.packed_blocks is not None:  # show the first sample of the first block
+        n = first["seq_lens"][0]
+        first = {"input_ids": first["input_ids"][:n], "labels": first["labels"][:n]}
+    legend = "trained part in green" if color else "trained part between ⟦ and ⟧"
+    print(f"\nfirst sample ({len(first['input_ids'])} tokens, {legend}):")
+    print(render_trained(first["input_ids"], first["labels"], tokenizer, color))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ftstudio",
+        description="Finetune Studio: instruction fine-tuning of LLMs, from the command line.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("list-map-fn", help="list the built-in map_fns")
+    p.set_defaults(func=cmd_list_map_fn)
+    p = sub.add_parser("list-template", help="list the prompt templates")
+    p.set_defaults(func=cmd_list_template)
+
+    p = sub.add_parser(
+        "check-dataset",
+        help="load, map, template and tokenize a dataset; print counts, lengths and the first sample",
+    )
+    _add_data_args(p)
+    p.add_argument("--color", choices=["auto", "always", "never"], default="auto")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=cmd_check_dataset)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args)
+    except DataError as exc:
+        print(f"ftstudio {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,303 @@
+"""Conversation + template + tokenizer -> ``input_ids`` and ``labels``.
+
+Labels are built here and nowhere else. The rules are XTuner 0.2's
+``template_map_fn`` + ``encode_fn``:
+
+- each turn renders as [SYSTEM] INSTRUCTION (prompt, no loss), then
+  output + SUFFIX (trained), then EOS (trained) unless the template's SUFFIX
+  already ends the turn (SUFFIX_AS_EOS), then SEP (no loss);
+- prompt and answer are tokenized separately, without special tokens;
+- BOS opens the sample and every turn that follows an EOS. "BOS" is whatever
+  the tokenizer itself puts in front of text (so none for Qwen, whose
+  tokenizer adds nothing, as XTuner special-cases; ``<s>`` for Llama; ChatGLM's
+  two prefix ids) -- a tokenizer that declares a bos_token but never adds it
+  (ChatML tokenizers whose bos is ``<|im_start|>``) gets none, which avoids
+  a doubled ``<|im_start|>``;
+- ``output_with_loss: False`` masks that answer (and its EOS);
+- samples are cut at ``max_length``; a sample left with no trained token is
+  reported as dropped, never trained on.
+
+``hf_chat_template`` instead renders the whole conversation with the
+tokenizer's ``chat_template`` and trains the characters that each assistant
+message adds (found by rendering the prefix with ``add_generation_prompt``).
+
+For speed the batch path tokenizes every prompt and answer of a batch in one
+call into the Rust tokenizer, which is where almost all the time goes.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Sequence
+
+from .errors import DataError
+from .map_fns import RowError
+from .templates import Template, get_template
+
+IGNORE_INDEX = -100
+
+# why a sample was dropped (the ``dropped`` column of the encoded dataset)
+KEPT, DROP_EMPTY, DROP_NO_LOSS = 0, 1, 2
+
+
+def validate_conversation(conversation) -> list[dict]:
+    """Check the map_fn's output once, where it enters. Raises RowError."""
+    if not isinstance(conversation, list):
+        raise RowError(
+            f"the map_fn returned 'conversation' of type {type(conversation).__name__}; "
+            "it must be a list of turns {'input': str, 'output': str}",
+            "conversation",
+        )
+    for i, turn in enumerate(conversation):
+        if not isinstance(turn, dict):
+            raise RowError(f"conversation[{i}] is {type(turn).__name__}, not a dict", "conversation")
+        for key in ("input", "system"):
+            value = turn.get(key)
+            if value is not None and not isinstance(value, str):
+                raise RowError(
+                    f"conversation[{i}].{key} should be text, got {type(value).__name__} {value!r:.60}",
+                    "conversation",
+                )
+        output = turn.get("output")
+        if not isinstance(output, str):
+            raise RowError(
+                f"conversation[{i}].output should be text, got "
+                f"{'nothing' if output is None else type(output).__name__}",
+                "conversation",
+            )
+        for flag in ("output_with_loss", "need_eos_token"):
+            if flag in turn and turn[flag] is not None and not isinstance(turn[flag], bool):
+                raise RowError(f"conversation[{i}].{flag} should be true/false, got {turn[flag]!r}", "conversation")
+    return conversation
+
+
+@lru_cache(maxsize=32)
+def _special_ids_cached(tokenizer_key: int, tokenizer) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    probe = "a"
+    plain = tokenizer.encode(probe, add_special_tokens=False)
+    full = tokenizer.encode(probe, add_special_tokens=True)
+    bos: tuple[int, ...] = ()
+    for start in range(len(full) - len(plain) + 1):
+        if full[start : start + len(plain)] == plain:
+            bos = tuple(full[:start])
+            break
+    eos = tokenizer.eos_token_id
+    if isinstance(eos, int):
+        eos_ids: tuple[int, ...] = (eos,)
+    elif eos is None:
+        eos_ids = ()
+    else:
+        eos_ids = tuple(eos)
+    return bos, eos_ids
+
+
+def special_ids(tokenizer) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(BOS ids the tokenizer puts in front of text, EOS ids)."""
+    return _special_ids_cached(id(tokenizer), tokenizer)
+
+
+def _tokenize_many(tokenizer, texts: Sequence[str]) -> list[list[int]]:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        # Straight into the Rust tokenizer: identical ids, less Python per text.
+        fast = getattr(backend, "encode_batch_fast", backend.encode_batch)
+        return [enc.ids for enc in fast(list(texts), add_special_tokens=False)]
+    return tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+
+
+def _render_turns(conversation: list[dict], template: Template):
+    """Yield (prompt_text, answer_text, with_loss, need_eos, sep) per turn."""
+    for i, turn in enumerate(conversation):
+        prompt = template.format_input(turn.get("input"), turn.get("system"), i + 1)
+        answer = turn["output"]
+        if template.raw:
+            need_eos = turn.get("need_eos_token", True) is not False
+            sep = turn.get("sep", "") or ""
+        else:
+            answer = answer + template.SUFFIX
+            need_eos = not template.SUFFIX_AS_EOS
+            sep = template.SEP
+        with_loss = turn.get("output_with_loss", True) is not False
+        yield prompt, answer, with_loss, need_eos, sep
+
+
+def encode_batch(conversations: Sequence[list[dict]], tokenizer, template, max_length: int | None = None,
+                 *, as_arrow: bool = False):
+    """Encode many conversations. Returns columns ``input_ids``, ``labels``,
+    ``length``, ``truncated`` and ``dropped`` (0 kept, 1 empty conversation,
+    2 nothing left to train on): a dict of lists, or a ``pyarrow.Table``."""
+    template = get_template(template)
+    if template.uses_tokenizer_chat_template:
+        rows = [encode_chat_template(c, tokenizer, max_length) for c in conversations]
+    else:
+        rows = _encode_rows(conversations, tokenizer, template, max_length)
+    return _arrow_table(rows) if as_arrow else _columns(rows)
+
+
+def _encode_rows(conversations, tokenizer, template: Template, max_length):
+    bos, eos = special_ids(tokenizer)
+    texts: list[str] = []
+    plan = []
+    sep_cache: dict[str, int] = {}
+    for conversation in conversations:
+        turns = []
+        for prompt, answer, with_loss, need_eos, sep in _render_turns(conversation, template):
+            if need_eos and not eos:
+                raise DataError(
+                    "the tokenizer has no eos_token, but the template ends turns with EOS; "
+                    "set tokenizer.eos_token or use a template with SUFFIX_AS_EOS"
+                )
+            if sep and sep not in sep_cache:
+                sep_cache[sep] = len(texts)
+                texts.append(sep)
+            turns.append((len(texts), with_loss, need_eos, sep_cache.get(sep) if sep else None))
+            texts.append(prompt)
+            texts.append(answer)
+        plan.append(turns)
+    ids = _tokenize_many(tokenizer, texts) if texts else []
+
+    rows = []
+    for turns in plan:
+        input_ids: list[int] = []
+        labels: list[int] = []
+        first_trained = None  # index of the first label that carries loss
+        next_bos = True
+        for at, with_loss, need_eos, sep_at in turns:
+            if next_bos and bos:
+                input_ids += bos
+                labels += [IGNORE_INDEX] * len(bos)
+            prompt_ids, answer_ids = ids[at], ids[at + 1]
+            input_ids += prompt_ids
+            labels += [IGNORE_INDEX] * len(prompt_ids)
+            if with_loss and first_trained is None and (answer_ids or need_eos):
+                first_trained = len(labels)
+            input_ids += answer_ids
+            labels += answer_ids if with_loss else [IGNORE_INDEX] * len(answer_ids)
+            if need_eos:
+                input_ids += eos
+                labels += eos if with_loss else [IGNORE_INDEX] * len(eos)
+            next_bos = need_eos
+            if sep_at is not None:
+                input_ids += ids[sep_at]
+                labels += [IGNORE_INDEX] * len(ids[sep_at])
+        rows.append(_finish(input_ids, labels, max_length, empty=not turns, first_trained=first_trained))
+    return rows
+
+
+def _finish(input_ids, labels, max_length, empty=False, first_trained=-1):
+    """Truncate and classify one sample. ``first_trained`` is the index of its
+    first trained label if the caller tracked it (None: no trained label), or
+    -1 to have it searched for."""
+    truncated = max_length is not None and len(input_ids) > max_length
+    if truncated:
+        input_ids, labels = input_ids[:max_length], labels[:max_length]
+    if first_trained == -1:
+        first_trained = next((i for i, label in enumerate(labels) if label != IGNORE_INDEX), None)
+    if empty:
+        dropped = DROP_EMPTY
+    elif first_trained is None or first_trained >= len(labels):
+        dropped = DROP_NO_LOSS
+    else:
+        dropped = KEPT
+    return input_ids, labels, truncated, dropped
+
+
+def _columns(rows):
+    return {
+        "input_ids": [r[0] for r in rows],
+        "labels": [r[1] for r in rows],
+        "length": [len(r[0]) for r in rows],
+        "truncated": [r[2] for r in rows],
+        "dropped": [r[3] for r in rows],
+    }
+
+
+def _arrow_table(rows):
+    """The same columns as one Arrow table, built from flat buffers: handing
+    ``datasets`` nested Python lists makes it walk every token to infer types."""
+    import numpy as np
+    import pyarrow as pa
+
+    lengths = np.fromiter((len(r[0]) for r in rows), dtype=np.int64, count=len(rows))
+    offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+    flat_ids = [t for r in rows for t in r[0]]
+    flat_labels = [t for r in rows for t in r[1]]
+    return pa.table(
+        {
+            "input_ids": pa.ListArray.from_arrays(offsets, pa.array(flat_ids, pa.int32())),
+            "labels": pa.ListArray.from_arrays(offsets, pa.array(flat_labels, pa.int32())),
+            "length": pa.array(lengths, pa.int32()),
+            "truncated": pa.array([r[2] for r in rows], pa.bool_()),
+            "dropped": pa.array([r[3] for r in rows], pa.int8()),
+        }
+    )
+
+
+def to_messages(conversation: list[dict]) -> list[dict]:
+    """XTuner turns -> chat messages (role/content), for chat templates."""
+    messages = []
+    for turn in conversation:
+        if turn.get("system"):
+            messages.append({"role": "system", "content": turn["system"]})
+        messages.append({"role": "user", "content": turn.get("input") or ""})
+        if turn.get("output") is not None:
+            messages.append({"role": "assistant", "content": turn["output"]})
+    return messages
+
+
+def encode_chat_template(conversation: list[dict], tokenizer, max_length: int | None = None):
+    """Render with the tokenizer's chat_template; train only what assistant turns add."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError(
+            "template 'hf_chat_template' needs a tokenizer with a chat_template; this one has none. "
+            "Pick a named template (ftstudio list-template)."
+        )
+    if not conversation:
+        return _finish([], [], max_length, empty=True)
+    messages = to_messages(conversation)
+
+    def render(msgs, gen):
+        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+
+    text = render(messages, False)
+    spans = []
+    turn_i = 0
+    for k, msg in enumerate(messages):
+        if msg["role"] != "assistant":
+            continue
+        prompt = render(messages[:k], True)
+        upto = render(messages[: k + 1], False)
+        if not (upto.startswith(prompt) and text.startswith(upto)):
+            raise DataError(
+                "this tokenizer's chat_template does not render conversations prefix by prefix "
+                "(an earlier turn changes when a later one is added), so the assistant's part "
+                "cannot be located; use a named template instead"
+            )
+        end = len(upto.rstrip())
+        if conversation[turn_i].get("output_with_loss", True) is not False:
+            spans.append((len(prompt), end))
+        turn_i += 1
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    input_ids = list(enc["input_ids"])
+    labels = []
+    s = 0
+    for tok, (start, stop) in zip(input_ids, enc["offset_mapping"]):
+        while s < len(spans) and start >= spans[s][1]:
+            s += 1
+        inside = s < len(spans) and spans[s][0] <= start < spans[s][1] and stop > start
+        labels.append(tok if inside else IGNORE_INDEX)
+    return _finish(input_ids, labels, max_length)
+
+
+def encode(conversation: list[dict], tokenizer, template, max_length: int | None = None) -> dict:
+    """One conversation -> ``{"input_ids": [...], "labels": [...]}``.
+
+    ``conversation`` is a map_fn's ``conversation`` list; ``template`` a name or
+    a Template. Labels are -100 wherever nothing is trained.
+
+    >>> # doctest: +SKIP
+    >>> encode([{"input": "Hi", "output": "Hello"}], tok, "qwen_chat")["labels"]
+    """
+    validate_conversation(conversation)
+    cols = encode_batch([conversation], tokenizer, template, max_length)
+    return {"input_ids": cols["input_ids"][0], "labels": cols["labels"][0]}

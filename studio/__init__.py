@@ -1,0 +1,1 @@
+"""The Gradio studio: UI only, calling backend functions (to come)."""
