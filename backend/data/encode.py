@@ -28,7 +28,11 @@ call into the Rust tokenizer, which is where almost all the time goes.
 from __future__ import annotations
 
 from functools import lru_cache
+from itertools import chain
 from typing import Sequence
+
+import numpy as np
+import pyarrow as pa
 
 from .errors import DataError
 from .map_fns import RowError
@@ -128,14 +132,66 @@ def encode_batch(conversations: Sequence[list[dict]], tokenizer, template, max_l
     2 nothing left to train on): a dict of lists, or a ``pyarrow.Table``."""
     template = get_template(template)
     if template.uses_tokenizer_chat_template:
-        rows = [encode_chat_template(c, tokenizer, max_length) for c in conversations]
+        flat = _Flat.from_rows([encode_chat_template(c, tokenizer, max_length) for c in conversations])
     else:
-        rows = _encode_rows(conversations, tokenizer, template, max_length)
-    return _arrow_table(rows) if as_arrow else _columns(rows)
+        flat = _encode_flat(conversations, tokenizer, template, max_length)
+    return flat.to_arrow() if as_arrow else flat.to_columns()
 
 
-def _encode_rows(conversations, tokenizer, template: Template, max_length):
-    bos, eos = special_ids(tokenizer)
+class _Flat:
+    """A batch of samples as flat token arrays plus per-sample lengths."""
+
+    def __init__(self, ids, labels, lengths, truncated, dropped):
+        self.ids, self.labels, self.lengths = ids, labels, lengths
+        self.truncated, self.dropped = truncated, dropped
+
+    @classmethod
+    def from_rows(cls, rows):
+        lengths = np.fromiter((len(r[0]) for r in rows), dtype=np.int64, count=len(rows))
+        return cls(
+            np.fromiter(chain.from_iterable(r[0] for r in rows), dtype=np.int32, count=int(lengths.sum())),
+            np.fromiter(chain.from_iterable(r[1] for r in rows), dtype=np.int32, count=int(lengths.sum())),
+            lengths,
+            np.array([r[2] for r in rows], dtype=bool),
+            np.array([r[3] for r in rows], dtype=np.int8),
+        )
+
+    def offsets(self):
+        return np.concatenate([[0], np.cumsum(self.lengths)]).astype(np.int32)
+
+    def to_arrow(self):
+        # Built from flat buffers: handing ``datasets`` nested Python lists
+        # makes it walk every token to infer types.
+        offsets = pa.array(self.offsets())
+        return pa.table(
+            {
+                "input_ids": pa.ListArray.from_arrays(offsets, pa.array(self.ids, pa.int32())),
+                "labels": pa.ListArray.from_arrays(offsets, pa.array(self.labels, pa.int32())),
+                "length": pa.array(self.lengths.astype(np.int32)),
+                "truncated": pa.array(self.truncated),
+                "dropped": pa.array(self.dropped),
+            }
+        )
+
+    def to_columns(self):
+        cuts = self.offsets()[1:-1]
+        return {
+            "input_ids": [a.tolist() for a in np.split(self.ids, cuts)] if len(self.lengths) else [],
+            "labels": [a.tolist() for a in np.split(self.labels, cuts)] if len(self.lengths) else [],
+            "length": self.lengths.tolist(),
+            "truncated": self.truncated.tolist(),
+            "dropped": self.dropped.tolist(),
+        }
+
+
+def _encode_flat(conversations, tokenizer, template: Template, max_length) -> _Flat:
+    """XTuner's encode rules, for a whole batch at once.
+
+    Python only lines up references to token lists ("pieces") in sample order
+    with a trained flag each; concatenation, label masking, truncation and the
+    per-sample counts are numpy operations over the flat token stream.
+    """
+    bos, eos = list(special_ids(tokenizer)[0]), list(special_ids(tokenizer)[1])
     texts: list[str] = []
     plan = []
     sep_cache: dict[str, int] = {}
@@ -156,81 +212,60 @@ def _encode_rows(conversations, tokenizer, template: Template, max_length):
         plan.append(turns)
     ids = _tokenize_many(tokenizer, texts) if texts else []
 
-    rows = []
-    for turns in plan:
-        input_ids: list[int] = []
-        labels: list[int] = []
-        first_trained = None  # index of the first label that carries loss
+    pieces: list[list[int]] = []
+    trained: list[bool] = []
+    owner: list[int] = []
+    for n, turns in enumerate(plan):
         next_bos = True
         for at, with_loss, need_eos, sep_at in turns:
             if next_bos and bos:
-                input_ids += bos
-                labels += [IGNORE_INDEX] * len(bos)
-            prompt_ids, answer_ids = ids[at], ids[at + 1]
-            input_ids += prompt_ids
-            labels += [IGNORE_INDEX] * len(prompt_ids)
-            if with_loss and first_trained is None and (answer_ids or need_eos):
-                first_trained = len(labels)
-            input_ids += answer_ids
-            labels += answer_ids if with_loss else [IGNORE_INDEX] * len(answer_ids)
+                pieces.append(bos)
+                trained.append(False)
+            pieces.append(ids[at])
+            pieces.append(ids[at + 1])
+            trained += (False, with_loss)
             if need_eos:
-                input_ids += eos
-                labels += eos if with_loss else [IGNORE_INDEX] * len(eos)
+                pieces.append(eos)
+                trained.append(with_loss)
             next_bos = need_eos
             if sep_at is not None:
-                input_ids += ids[sep_at]
-                labels += [IGNORE_INDEX] * len(ids[sep_at])
-        rows.append(_finish(input_ids, labels, max_length, empty=not turns, first_trained=first_trained))
-    return rows
+                pieces.append(ids[sep_at])
+                trained.append(False)
+            owner.extend([n] * (len(pieces) - len(owner)))
+    n_samples = len(plan)
+    piece_len = np.fromiter(map(len, pieces), dtype=np.int64, count=len(pieces))
+    total = int(piece_len.sum())
+    flat_ids = np.fromiter(chain.from_iterable(pieces), dtype=np.int32, count=total)
+    token_owner = np.repeat(np.asarray(owner, dtype=np.int64), piece_len)
+    flat_labels = np.where(np.repeat(np.asarray(trained, dtype=bool), piece_len), flat_ids, IGNORE_INDEX)
+    full_len = np.bincount(token_owner, minlength=n_samples).astype(np.int64)
+    lengths = full_len
+    truncated = np.zeros(n_samples, dtype=bool)
+    if max_length is not None and total and full_len.max() > max_length:
+        starts = np.concatenate([[0], np.cumsum(full_len)[:-1]])
+        keep = (np.arange(total) - starts[token_owner]) < max_length
+        flat_ids, flat_labels, token_owner = flat_ids[keep], flat_labels[keep], token_owner[keep]
+        truncated = full_len > max_length
+        lengths = np.minimum(full_len, max_length)
+    trained_count = np.bincount(token_owner[flat_labels != IGNORE_INDEX], minlength=n_samples)
+    dropped = np.full(n_samples, KEPT, dtype=np.int8)
+    dropped[trained_count == 0] = DROP_NO_LOSS
+    dropped[np.fromiter((not t for t in plan), dtype=bool, count=n_samples)] = DROP_EMPTY
+    return _Flat(flat_ids, flat_labels.astype(np.int32), lengths, truncated, dropped)
 
 
-def _finish(input_ids, labels, max_length, empty=False, first_trained=-1):
-    """Truncate and classify one sample. ``first_trained`` is the index of its
-    first trained label if the caller tracked it (None: no trained label), or
-    -1 to have it searched for."""
+def _finish(input_ids, labels, max_length, empty=False):
+    """Truncate and classify one sample (the chat-template path)."""
     truncated = max_length is not None and len(input_ids) > max_length
     if truncated:
         input_ids, labels = input_ids[:max_length], labels[:max_length]
-    if first_trained == -1:
-        first_trained = next((i for i, label in enumerate(labels) if label != IGNORE_INDEX), None)
     if empty:
         dropped = DROP_EMPTY
-    elif first_trained is None or first_trained >= len(labels):
+    elif all(label == IGNORE_INDEX for label in labels):
         dropped = DROP_NO_LOSS
     else:
         dropped = KEPT
     return input_ids, labels, truncated, dropped
-
-
-def _columns(rows):
-    return {
-        "input_ids": [r[0] for r in rows],
-        "labels": [r[1] for r in rows],
-        "length": [len(r[0]) for r in rows],
-        "truncated": [r[2] for r in rows],
-        "dropped": [r[3] for r in rows],
-    }
-
-
-def _arrow_table(rows):
-    """The same columns as one Arrow table, built from flat buffers: handing
-    ``datasets`` nested Python lists makes it walk every token to infer types."""
-    import numpy as np
-    import pyarrow as pa
-
-    lengths = np.fromiter((len(r[0]) for r in rows), dtype=np.int64, count=len(rows))
-    offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
-    flat_ids = [t for r in rows for t in r[0]]
-    flat_labels = [t for r in rows for t in r[1]]
-    return pa.table(
-        {
-            "input_ids": pa.ListArray.from_arrays(offsets, pa.array(flat_ids, pa.int32())),
-            "labels": pa.ListArray.from_arrays(offsets, pa.array(flat_labels, pa.int32())),
-            "length": pa.array(lengths, pa.int32()),
-            "truncated": pa.array([r[2] for r in rows], pa.bool_()),
-            "dropped": pa.array([r[3] for r in rows], pa.int8()),
-        }
-    )
 
 
 def to_messages(conversation: list[dict]) -> list[dict]:
