@@ -8,7 +8,9 @@ import json
 import os
 import sys
 
+from .config import ConfigError
 from .data.errors import DataError
+from .launch import LaunchError
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
@@ -119,6 +121,78 @@ def cmd_check_dataset(args) -> int:
     return 0
 
 
+def cmd_list_cfg(args) -> int:
+    from .config import list_recipes, load_config
+
+    for name in list_recipes(args.pattern):
+        cfg = load_config(name)
+        print(f"{name:<40}  {cfg.training.method:<5}  {cfg.model.name_or_path}  on  {cfg.data.path}")
+    return 0
+
+
+def cmd_copy_cfg(args) -> int:
+    import shutil
+    from pathlib import Path
+
+    from .config import recipe_path
+
+    src = recipe_path(args.name)
+    dest_dir = Path(args.dest)
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    dest = dest_dir / f"{args.name}_copy.yaml"
+    shutil.copyfile(src, dest)
+    print(f"copied {args.name} to {dest}")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from pathlib import Path
+
+    from .config import load_config
+    from .launch import LaunchSpec, find_resume, preflight, resolve_deepspeed, run
+
+    spec = LaunchSpec.from_env(launcher=args.launcher)
+    deepspeed = resolve_deepspeed(args.deepspeed)
+    run_dir = Path(args.work_dir) if args.work_dir else None
+    resume_ckpt = None
+    if args.resume is not None:
+        cfg_for_name = load_config(args.config, args.overrides) if args.resume is True or not Path(args.config).is_dir() else None
+        run_dir, resume_ckpt = find_resume(args.resume, run_dir, cfg_for_name.name if cfg_for_name else "")
+        cfg = load_config(run_dir / "config.yaml")
+        if args.overrides:
+            print("ftstudio train: note: --resume uses the run's own config.yaml; overrides are ignored",
+                  file=sys.stderr)
+    else:
+        cfg = load_config(args.config, args.overrides)
+    owner = spec.node_rank == 0 and os.environ.get("SLURM_PROCID", "0") == "0"
+    report = preflight(cfg, spec, deepspeed, build_data=owner)
+    if report is not None:
+        print(f"data: {report.rows} rows, {report.kept} samples ({report.dropped} dropped, "
+              f"{report.truncated} truncated), map_fn {report.map_fn}, template {report.template}")
+    code, run_dir = run(cfg, spec, deepspeed=deepspeed, run_dir=run_dir, resume=resume_ckpt,
+                        follow=None if args.quiet else sys.stdout)
+    return code
+
+
+def cmd_runs(args) -> int:
+    from .runs import list_runs
+
+    for r in list_runs(args.work_dir):
+        print(f"{r.get('state', '?'):<9} {r.get('started', ''):<25} {r['run_dir']}"
+              + (f"  error: {r['error']}" if r.get("error") else ""))
+    return 0
+
+
+def cmd_abort(args) -> int:
+    from .runs import abort
+
+    if abort(args.run_dir):
+        print(f"asked {args.run_dir} to stop; it ends at the next step as aborted")
+        return 0
+    print(f"ftstudio abort: {args.run_dir} is not running", file=sys.stderr)
+    return 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ftstudio",
@@ -139,6 +213,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--color", choices=["auto", "always", "never"], default="auto")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_check_dataset)
+
+    p = sub.add_parser("list-cfg", help="list the shipped recipes")
+    p.add_argument("-p", "--pattern", default=None, help="only names containing this")
+    p.set_defaults(func=cmd_list_cfg)
+    p = sub.add_parser("copy-cfg", help="copy a recipe to a folder to edit it")
+    p.add_argument("name")
+    p.add_argument("dest")
+    p.set_defaults(func=cmd_copy_cfg)
+
+    p = sub.add_parser(
+        "train", help="train: one process, or torchrun via NPROC_PER_NODE/NNODES/NODE_RANK/ADDR/PORT, or Slurm",
+        description="Train from a recipe name or a YAML config. Distributed launch is read from the "
+                    "environment: NPROC_PER_NODE, NNODES, NODE_RANK, ADDR, PORT (torchrun), or "
+                    "--launcher slurm under srun.",
+    )
+    p.add_argument("config", help="recipe name (ftstudio list-cfg) or path to a .yaml config")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. training.lr=1e-4")
+    p.add_argument("--deepspeed", default=None, help="deepspeed_zero1|zero2|zero2_offload|zero3|zero3_offload or a .json")
+    p.add_argument("--launcher", choices=["pytorch", "slurm"], default="pytorch")
+    p.add_argument("--work-dir", default=None, help="the run folder (default: work_dirs/<config>-<time>)")
+    p.add_argument("--resume", nargs="?", const=True, default=None,
+                   help="continue the latest checkpoint (of --work-dir), or a given checkpoint / iter_N.pth")
+    p.add_argument("--quiet", action="store_true", help="do not echo the training log")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("runs", help="list runs and their state")
+    p.add_argument("--work-dir", default="work_dirs")
+    p.set_defaults(func=cmd_runs)
+    p = sub.add_parser("abort", help="stop a running run gracefully (keeps its last checkpoint)")
+    p.add_argument("run_dir")
+    p.set_defaults(func=cmd_abort)
     return parser
 
 
@@ -150,7 +255,7 @@ def main(argv=None) -> int:
         return 2
     try:
         return args.func(args)
-    except DataError as exc:
+    except (DataError, ConfigError, LaunchError) as exc:
         print(f"ftstudio {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -82,3 +82,56 @@ def demo_tokenizer_dir() -> Path:
     if not (path / "tokenizer.json").exists():
         build_demo_tokenizer(path)
     return path
+
+
+def build_demo_model(out_dir: Path, seed: int = 0):
+    """A tiny random Llama (about 0.9M parameters) with the demo tokenizer, saved to ``out_dir``."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(demo_tokenizer_dir())
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=128,
+        intermediate_size=384,  # bitsandbytes CPU 4-bit needs rows % 32 == 0 and columns % 64 == 0
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".model-", dir=out_dir.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def demo_model_dir() -> Path:
+    """The demo model's folder, built on first use."""
+    path = demo_dir() / "model"
+    if not (path / "config.json").exists():
+        build_demo_model(path)
+    return path
+
+
+def resolve_model(name_or_path: str) -> str:
+    """'demo' -> the bundled tiny model (built on first use); anything else unchanged."""
+    return str(demo_model_dir()) if name_or_path == "demo" else name_or_path
+
+
+def resolve_data(path: str) -> str:
+    """'demo' -> the bundled Q&A file; anything else unchanged."""
+    return str(DEMO_DATA) if path == "demo" else path

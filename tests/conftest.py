@@ -55,3 +55,20 @@ def stories_tokenizer():
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(STORIES_MODEL)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def demo_dir(tmp_path_factory):
+    """The bundled demo (tokenizer trained on the project's text, tiny random
+    Llama) is built once per test session here, never in the user's folder."""
+    path = tmp_path_factory.mktemp("demo")
+    os.environ["FTSTUDIO_DEMO_DIR"] = str(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model(demo_dir):
+    """A tiny random Llama-style model and its tokenizer, built locally."""
+    from backend.demo import demo_model_dir
+
+    return demo_model_dir()

@@ -10,7 +10,10 @@ Public surface (other parts of the product import these):
 - ``pack_dataset(ds, max_length)``: padding-free packing with per-sample positions.
 """
 
-from .encode import IGNORE_INDEX, encode, encode_batch, special_ids, to_messages, validate_conversation
+from .encode import (
+    IGNORE_INDEX, encode, encode_batch, generation_prompt, special_ids, stop_words, to_messages,
+    validate_conversation,
+)
 from .errors import DataError
 from .loading import load
 from .map_fns import MAP_FNS, RowError, detect_map_fn, get_map_fn, register_map_fn
@@ -21,7 +24,7 @@ from .templates import SYSTEM_TEMPLATE, TEMPLATES, Template, get_template, regis
 __all__ = [
     "IGNORE_INDEX", "MAP_FNS", "SYSTEM_TEMPLATE", "TEMPLATES", "DataError", "DataReport", "RowError",
     "Template", "build_dataset", "detect_map_fn", "encode", "encode_batch", "encode_dataset",
-    "first_conversation", "get_map_fn", "get_template", "load", "load_tokenizer", "pack_dataset",
+    "first_conversation", "generation_prompt", "stop_words", "get_map_fn", "get_template", "load", "load_tokenizer", "pack_dataset",
     "plan_bins", "register_map_fn", "register_template", "special_ids", "to_messages",
     "validate_conversation",
 ]

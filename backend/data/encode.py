@@ -336,3 +336,42 @@ def encode(conversation: list[dict], tokenizer, template, max_length: int | None
     validate_conversation(conversation)
     cols = encode_batch([conversation], tokenizer, template, max_length)
     return {"input_ids": cols["input_ids"][0], "labels": cols["labels"][0]}
+
+
+def generation_prompt(conversation: list[dict], tokenizer, template) -> list[int]:
+    """Token ids that ask the model for the next answer, in the training format.
+
+    ``conversation`` is a list of turns; the last one has an ``input`` and no
+    ``output``. Earlier turns are rendered exactly as ``encode`` renders them
+    for training, so the model sees at inference what it saw in training.
+    """
+    template = get_template(template)
+    history, last = conversation[:-1], conversation[-1]
+    if template.uses_tokenizer_chat_template:
+        messages = to_messages(history)
+        if last.get("system"):
+            messages.append({"role": "system", "content": last["system"]})
+        messages.append({"role": "user", "content": last.get("input") or ""})
+        out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        return list(out["input_ids"] if hasattr(out, "keys") else out)
+    ids = encode(history, tokenizer, template)["input_ids"] if history else []
+    bos, _ = special_ids(tokenizer)
+    if template.raw:
+        need_bos = not history or history[-1].get("need_eos_token", True) is not False
+    else:
+        need_bos = not history or not template.SUFFIX_AS_EOS
+    prompt = template.format_input(last.get("input"), last.get("system"), len(conversation))
+    return ids + (list(bos) if need_bos else []) + tokenizer.encode(prompt, add_special_tokens=False)
+
+
+def stop_words(tokenizer, template) -> list[str]:
+    """Texts that end an answer: the template's STOP_WORDS and the EOS token."""
+    template = get_template(template)
+    words = list(template.STOP_WORDS)
+    if tokenizer.eos_token and tokenizer.eos_token not in words:
+        words.append(tokenizer.eos_token)
+    if template.uses_tokenizer_chat_template:
+        for tok in ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>"):
+            if tok in tokenizer.get_vocab() and tok not in words:
+                words.append(tok)
+    return words

@@ -1,0 +1,321 @@
+"""The training config: small typed sections, YAML in, ``key=value`` overrides.
+
+Each field carries its help text and allowed values in ``metadata``, so the
+studio builds its form from this schema (``schema()``) instead of mapping
+widgets by hand, and every error names the field and what it accepts.
+
+    cfg = load_config("tiny_demo", ["training.lr=1e-3", "data.max_length=256"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+import yaml
+
+RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
+
+
+class ConfigError(ValueError):
+    """A bad config: the message names the field and what it accepts."""
+
+
+def _f(default, help: str, choices=None, minimum=None, **kw):
+    meta = {"help": help}
+    if choices is not None:
+        meta["choices"] = tuple(choices)
+    if minimum is not None:
+        meta["min"] = minimum
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta, **kw)
+    return field(default=default, metadata=meta, **kw)
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = _f("demo", "base model: Hub id, local folder, or 'demo' (the bundled tiny model)")
+    tokenizer: str | None = _f(None, "tokenizer if not the model's own (Hub id or folder)")
+    dtype: str = _f("auto", "weights and compute precision; auto = bf16 where the hardware has it, else fp32",
+                    choices=["auto", "bf16", "fp16", "fp32"])
+    attn_implementation: str = _f("auto", "attention kernel; auto = flash_attention_2 if installed, else sdpa",
+                                  choices=["auto", "eager", "sdpa", "flash_attention_2"])
+    trust_remote_code: bool = _f(False, "allow the model repository's own code (needed by some models)")
+
+
+@dataclass
+class DataConfig:
+    path: str = _f("demo", "dataset: Hub id, local file or folder, or 'demo' (the bundled Q&A)")
+    name: str | None = _f(None, "dataset configuration name (Hub datasets)")
+    split: str = _f("train", "split to train on")
+    data_files: list | None = _f(None, "data_files passed to load_dataset")
+    map_fn: str = _f("auto", "map_fn name, file.py:function or module:function; auto = detect from columns")
+    template: str = _f("qwen_chat", "prompt template (ftstudio list-template)")
+    max_length: int = _f(2048, "longest sample in tokens; longer ones are cut", minimum=8)
+    pack: bool = _f(True, "pack samples into max_length blocks (padding-free, samples isolated)")
+    num_proc: int | None = _f(None, "processes for the data map", minimum=1)
+    max_rows: int | None = _f(None, "use only the first N rows (quick trials)", minimum=1)
+
+
+@dataclass
+class LoraConfig:
+    r: int = _f(64, "LoRA rank", minimum=1)
+    alpha: int = _f(16, "LoRA alpha (scale = alpha / r)", minimum=1)
+    dropout: float = _f(0.1, "dropout on the LoRA input", minimum=0.0)
+    target_modules: list | str = _f("all-linear", "modules to adapt: 'all-linear' (every linear layer but the head) or a list of names")
+    bias: str = _f("none", "train biases too", choices=["none", "all", "lora_only"])
+
+
+@dataclass
+class QuantizationConfig:
+    bits: int = _f(4, "bits of the frozen base weights under QLoRA", choices=[4, 8])
+    quant_type: str = _f("nf4", "4-bit data type", choices=["nf4", "fp4"])
+    double_quant: bool = _f(True, "quantize the quantization constants too (saves ~0.4 bit/param)")
+    compute_dtype: str = _f("auto", "dtype of the dequantized matmuls; auto = the model dtype",
+                            choices=["auto", "bf16", "fp16", "fp32"])
+
+
+@dataclass
+class TrainingConfig:
+    method: str = _f("lora", "what to train", choices=["full", "lora", "qlora"])
+    lr: float = _f(2e-4, "peak learning rate", minimum=0.0)
+    betas: list = _f([0.9, 0.999], "AdamW betas")
+    weight_decay: float = _f(0.0, "AdamW weight decay", minimum=0.0)
+    epochs: float = _f(3, "passes over the data", minimum=0)
+    max_steps: int = _f(-1, "stop after this many optimizer steps (-1: run all epochs)")
+    micro_batch_size: int = _f(1, "samples (or packed blocks) per device per step", minimum=1)
+    accumulative_counts: int = _f(16, "gradient accumulation steps", minimum=1)
+    warmup_ratio: float = _f(0.03, "fraction of steps with linear warm-up", minimum=0.0)
+    lr_scheduler: str = _f("cosine", "learning-rate schedule",
+                           choices=["cosine", "linear", "constant", "constant_with_warmup"])
+    max_norm: float = _f(1.0, "gradient clipping norm (0: off)", minimum=0.0)
+    gradient_checkpointing: bool = _f(False, "recompute activations in backward to save memory")
+    group_by_length: bool = _f(True, "unpacked data: batch samples of similar length (less padding)")
+    loss_on_labeled_only: bool = _f(True, "run the LM head only where a label is trained (saves compute)")
+    seed: int = _f(0, "seed for data order, init of LoRA weights and dropout")
+    logging_steps: int = _f(1, "write a metrics line every N steps", minimum=1)
+    dataloader_workers: int = _f(0, "dataloader worker processes", minimum=0)
+
+
+@dataclass
+class SavingConfig:
+    save_steps: int = _f(500, "write iter_<N>.pth and a resumable checkpoint every N steps", minimum=1)
+    save_total_limit: int = _f(2, "keep only the newest N checkpoints (-1: keep all)")
+
+
+@dataclass
+class EvaluationConfig:
+    inputs: list = _f([], "prompts answered every `every` steps into samples.jsonl")
+    every: int = _f(500, "answer the evaluation inputs every N steps", minimum=1)
+    system: str = _f("", "system text for the evaluation prompts")
+    max_new_tokens: int = _f(64, "longest evaluation answer", minimum=1)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    saving: SavingConfig = field(default_factory=SavingConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    name: str = "run"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
+
+
+SECTIONS = {f.name: f.default_factory for f in fields(Config) if f.name != "name"}
+
+
+def _check_type(where: str, value, hint, meta):
+    """Coerce/validate one value; raise ConfigError naming ``where``."""
+    origin, args = get_origin(hint), get_args(hint)
+    allowed_types = args if origin is not None and type(None) in args or origin is type(None) else (hint,)
+    if origin is not None and str(origin) in ("typing.Union", "<class 'types.UnionType'>"):
+        allowed_types = args
+    if value is None:
+        if type(None) in allowed_types:
+            return None
+        raise ConfigError(f"{where} may not be empty")
+    for t in allowed_types:
+        base = get_origin(t) or t
+        if base is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = float(value)
+            break
+        if base is int and isinstance(value, int) and not isinstance(value, bool):
+            break
+        if base is bool and isinstance(value, bool):
+            break
+        if base is str and isinstance(value, str):
+            break
+        if base is list and isinstance(value, (list, tuple)):
+            value = list(value)
+            break
+    else:
+        names = " or ".join(getattr(get_origin(t) or t, "__name__", str(t)) for t in allowed_types if t is not type(None))
+        raise ConfigError(f"{where} should be {names}, got {value!r}")
+    choices = meta.get("choices")
+    if choices is not None and value not in choices:
+        raise ConfigError(f"{where} is {value!r}; allowed: {', '.join(map(str, choices))}")
+    if "min" in meta and isinstance(value, (int, float)) and value < meta["min"]:
+        raise ConfigError(f"{where} is {value!r}; it must be at least {meta['min']}")
+    return value
+
+
+def from_dict(data: dict, source: str = "config") -> Config:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level should be a mapping of sections")
+    cfg = Config()
+    for key, value in data.items():
+        if key == "name":
+            cfg.name = str(value)
+            continue
+        if key not in SECTIONS:
+            close = difflib.get_close_matches(key, list(SECTIONS), n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ConfigError(f"{source}: unknown section {key!r}{hint}; sections: {', '.join(SECTIONS)}")
+        section = getattr(cfg, key)
+        if value is None:
+            continue
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: section {key!r} should be a mapping")
+        for fname, fvalue in value.items():
+            set_field(section, key, fname, fvalue, source)
+    validate(cfg)
+    return cfg
+
+
+def set_field(section, section_name: str, fname: str, value, source: str = "config"):
+    known = {f.name: f for f in fields(section)}
+    if fname not in known:
+        close = difflib.get_close_matches(fname, list(known), n=1)
+        hint = f" (did you mean {section_name}.{close[0]}?)" if close else ""
+        raise ConfigError(
+            f"{source}: unknown field {section_name}.{fname}{hint}; {section_name} has: {', '.join(known)}"
+        )
+    hints = get_type_hints(type(section))
+    value = _check_type(f"{source}: {section_name}.{fname}", value, hints[fname], known[fname].metadata)
+    setattr(section, fname, value)
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """``section.field=value`` strings; values are read as YAML (1e-4, true, [a, b])."""
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} should read section.field=value")
+        key, _, raw = item.partition("=")
+        key = key.strip()
+        if key == "name":
+            cfg.name = raw
+            continue
+        section_name, _, fname = key.partition(".")
+        if section_name not in SECTIONS or not fname:
+            raise ConfigError(
+                f"override {item!r}: {key!r} should be section.field, with section one of {', '.join(SECTIONS)}"
+            )
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        # scientific notation without a dot (2e-4) is a string to YAML 1.1
+        if isinstance(value, str):
+            try:
+                value = float(value) if any(c in value for c in "eE.") else int(value)
+            except ValueError:
+                pass
+        set_field(getattr(cfg, section_name), section_name, fname, value, "override")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks."""
+    from .data.templates import TEMPLATES
+
+    if cfg.data.template not in TEMPLATES:
+        close = difflib.get_close_matches(cfg.data.template, list(TEMPLATES), n=3)
+        raise ConfigError(
+            f"data.template is {cfg.data.template!r}"
+            f"{' (did you mean ' + ', '.join(close) + '?)' if close else ''}; allowed: {', '.join(sorted(TEMPLATES))}"
+        )
+    if len(cfg.training.betas) != 2 or not all(isinstance(b, (int, float)) for b in cfg.training.betas):
+        raise ConfigError(f"training.betas should be two numbers, got {cfg.training.betas!r}")
+    if cfg.training.epochs <= 0 and cfg.training.max_steps <= 0:
+        raise ConfigError("training.epochs is 0 and training.max_steps is not set: nothing to train")
+    if isinstance(cfg.lora.target_modules, str) and cfg.lora.target_modules != "all-linear":
+        cfg.lora.target_modules = [m.strip() for m in cfg.lora.target_modules.split(",") if m.strip()]
+
+
+# --- recipes ---------------------------------------------------------------------------
+
+
+def list_recipes(pattern: str | None = None) -> list[str]:
+    names = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+    if pattern:
+        pat = pattern.lower()
+        names = [n for n in names if pat in n.lower()]
+    return names
+
+
+def recipe_path(name: str) -> Path:
+    path = RECIPES_DIR / f"{name}.yaml"
+    if not path.exists():
+        close = difflib.get_close_matches(name, list_recipes(), n=3, cutoff=0.4)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise ConfigError(
+            f"no recipe or config file {name!r}.{hint} See `ftstudio list-cfg`, or give a path to a .yaml config."
+        )
+    return path
+
+
+def load_config(name_or_path: str | os.PathLike, overrides: list[str] | None = None) -> Config:
+    """A recipe name or a YAML path, with overrides applied."""
+    text_path = Path(name_or_path)
+    if text_path.suffix in (".yaml", ".yml") or text_path.exists():
+        if not text_path.exists():
+            raise ConfigError(f"config file {str(name_or_path)!r} does not exist")
+        path = text_path
+    else:
+        path = recipe_path(str(name_or_path))
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    cfg = from_dict(data, source=str(path))
+    if "name" not in data:
+        cfg.name = path.stem
+    return apply_overrides(cfg, overrides or [])
+
+
+def schema() -> list[dict]:
+    """Every field with its section, type, default, help and choices (for the UI form)."""
+    out = []
+    for section_name, factory in SECTIONS.items():
+        section = factory()
+        hints = get_type_hints(type(section))
+        for f in fields(section):
+            out.append({
+                "key": f"{section_name}.{f.name}",
+                "section": section_name,
+                "name": f.name,
+                "type": str(hints[f.name]).replace("typing.", ""),
+                "default": getattr(section, f.name),
+                "help": f.metadata.get("help", ""),
+                "choices": list(f.metadata["choices"]) if "choices" in f.metadata else None,
+                "min": f.metadata.get("min"),
+            })
+    return out
+
+
+def get_value(cfg: Config, key: str) -> Any:
+    section, _, name = key.partition(".")
+    return getattr(getattr(cfg, section), name)

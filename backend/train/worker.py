@@ -1,0 +1,122 @@
+"""One training rank: ``python -m backend.train.worker RUN_DIR [--deepspeed JSON] [--resume CKPT]``.
+
+Started by ``ftstudio train`` (alone, under torchrun, or as a Slurm task). It
+reads ``RUN_DIR/config.yaml``, builds the data with the data pipeline, the
+model with transformers/peft/bitsandbytes, and trains with ``transformers.Trainer``
+(DeepSpeed through Trainer's own integration). Everything it produces goes
+into the run directory. Its own stdout/stderr are appended to ``train.log``
+at the file-descriptor level, so no pipe ever needs draining.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+import traceback
+from pathlib import Path
+
+
+def slurm_to_torch_env(default_port: int = 29500) -> None:
+    """Under ``--launcher slurm`` each Slurm task is one rank: derive the
+    torch.distributed variables from Slurm's."""
+    env = os.environ
+    env["RANK"] = env["SLURM_PROCID"]
+    env["WORLD_SIZE"] = env["SLURM_NTASKS"]
+    env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
+    env["LOCAL_WORLD_SIZE"] = env.get("SLURM_NTASKS_PER_NODE", env["SLURM_NTASKS"]).split("(")[0]
+    env["NODE_RANK"] = env.get("SLURM_NODEID", "0")
+    if "MASTER_ADDR" not in env:
+        env["MASTER_ADDR"] = env.get("ADDR") or first_slurm_host()
+    if "MASTER_PORT" not in env:
+        job = int(env.get("SLURM_JOB_ID", "0") or 0)
+        env["MASTER_PORT"] = env.get("PORT") or str(default_port + job % 1000)
+
+
+def first_slurm_host() -> str:
+    import subprocess
+
+    nodelist = os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_JOB_NODELIST", "")
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                             timeout=30, check=True).stdout.split()
+        if out:
+            return out[0]
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return os.environ.get("SLURM_LAUNCH_NODE_IPADDR", "127.0.0.1")
+
+
+def redirect_output(log_path: Path) -> None:
+    """Append this process's stdout and stderr to train.log (fd level, so
+    C extensions and child processes land there too)."""
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    sys.stdout = open(1, "w", buffering=1, encoding="utf-8", errors="replace", closefd=False)
+    sys.stderr = open(2, "w", buffering=1, encoding="utf-8", errors="replace", closefd=False)
+
+
+class AbortFlag:
+    """SIGTERM/SIGINT only set a flag: the current step (and any save in
+    progress) finishes, then all ranks stop together."""
+
+    def __init__(self):
+        self.requested = False
+        signal.signal(signal.SIGTERM, self._handle)
+        signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame):
+        if not self.requested:
+            print(f"[rank {os.environ.get('RANK', '0')}] received signal {signum}: stopping after this step",
+                  flush=True)
+        self.requested = True
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="backend.train.worker")
+    ap.add_argument("run_dir")
+    ap.add_argument("--deepspeed", default=None, help="DeepSpeed JSON file")
+    ap.add_argument("--resume", default=None, help="checkpoint folder to resume from")
+    ap.add_argument("--slurm", action="store_true", help="take ranks from SLURM_* variables")
+    ap.add_argument("--no-redirect", action="store_true", help="keep stdout/stderr (debugging)")
+    args = ap.parse_args(argv)
+    run_dir = Path(args.run_dir).resolve()
+    if args.slurm:
+        slurm_to_torch_env()
+    if not args.no_redirect:
+        redirect_output(run_dir / "train.log")
+    abort_flag = AbortFlag()
+    rank = int(os.environ.get("RANK", "0"))
+    try:
+        from .trainer import train
+
+        state = train(run_dir, deepspeed=args.deepspeed, resume=args.resume, abort_flag=abort_flag)
+    except BaseException as exc:  # noqa: BLE001 - any failure ends the run as failed, with its summary
+        if isinstance(exc, SystemExit) and exc.code in (0, None):
+            raise
+        summary = f"{type(exc).__name__}: {exc}"
+        traceback.print_exc()
+        if rank == 0:
+            _write_result(run_dir, "failed", summary)
+        print(f"[rank {rank}] failed: {summary}", flush=True)
+        return 1
+    if rank == 0:
+        _write_result(run_dir, state, None)
+    return 0
+
+
+def _write_result(run_dir: Path, state: str, error: str | None) -> None:
+    from ..runs import write_json_atomic
+
+    write_json_atomic(run_dir / "result.json", {"state": state, "error": error, "time": time.time()})
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,76 @@
+"""`ftstudio train` in one process, for real: LoRA, QLoRA and full fine-tuning
+on the bundled demo data and on real data, with the tiny local model and the
+real stories260K model."""
+
+from __future__ import annotations
+
+import torch
+import pytest
+
+from backend.runs import checkpoints, iter_files
+from conftest import DATA, STORIES_MODEL
+from train_utils import ftstudio, metrics, status
+
+FIELDS = {"step", "epoch", "loss", "lr", "grad_norm", "tokens_per_s", "elapsed_s"}
+
+
+def quick(*extra):
+    return ["training.epochs=8", "saving.save_steps=10", "evaluation.every=10",
+            "evaluation.max_new_tokens=8", *extra]
+
+
+def assert_learned(run_dir, min_drop=0.5):
+    rows = metrics(run_dir)
+    assert rows and all(FIELDS <= set(r) for r in rows)
+    assert [r["step"] for r in rows] == list(range(1, len(rows) + 1))
+    first = sum(r["loss"] for r in rows[:3]) / 3
+    last = sum(r["loss"] for r in rows[-3:]) / 3
+    assert last < first - min_drop, f"loss did not go down: {first:.3f} -> {last:.3f}"
+    assert all(r["tokens_per_s"] > 0 and r["elapsed_s"] > 0 for r in rows)
+    return rows
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_train_one_process(tmp_path, tiny_model, method):
+    run_dir = tmp_path / "run"
+    out = ftstudio("train", "tiny_demo", f"training.method={method}", *quick(), "--work-dir", run_dir, cwd=tmp_path)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "step 1/" in out.stdout  # the log is echoed while it runs
+    st = status(run_dir)
+    assert st["state"] == "finished" and st["exit_code"] == 0 and st["ended"]
+    rows = assert_learned(run_dir)
+    steps = [s for s, _ in iter_files(run_dir)]
+    assert steps[-1] == rows[-1]["step"] and len(steps) <= 2  # save_total_limit 2
+    assert len(checkpoints(run_dir)) <= 2
+    ckpt = torch.load(run_dir / f"iter_{steps[-1]}.pth", weights_only=True)
+    meta = ckpt["meta"]
+    assert meta["kind"] == method and meta["template"]["name"] == "qwen_chat" and meta["base_model"] == "demo"
+    keys = list(ckpt["state_dict"])
+    if method == "lora":
+        assert keys and all("lora_" in k for k in keys)
+    else:
+        assert any(k.endswith("embed_tokens.weight") for k in keys)
+    samples = (run_dir / "samples.jsonl").read_text().splitlines()
+    assert len(samples) >= 4  # 2 inputs at step 0 and later
+
+
+def test_qlora_one_process(tmp_path, tiny_model):
+    run_dir = tmp_path / "run"
+    out = ftstudio("train", "tiny_demo", "training.method=qlora", *quick(), "--work-dir", run_dir, cwd=tmp_path)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert_learned(run_dir, min_drop=0.3)
+    step = iter_files(run_dir)[-1][0]
+    ckpt = torch.load(run_dir / f"iter_{step}.pth", weights_only=True)
+    assert ckpt["meta"]["kind"] == "qlora" and all("lora_" in k for k in ckpt["state_dict"])
+    assert status(run_dir)["state"] == "finished"
+
+
+def test_real_model_on_real_data(tmp_path):
+    """The real stories260K model, LoRA on the real identity data (alpaca format)."""
+    run_dir = tmp_path / "run"
+    out = ftstudio("train", "tiny_demo", f"model.name_or_path={STORIES_MODEL}",
+                   f"data.path={DATA / 'alpaca' / 'identity.json'}", "data.template=llama2_chat",
+                   "data.max_length=512", "training.lr=1e-2", *quick(), "--work-dir", run_dir, cwd=tmp_path)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert_learned(run_dir)
+    assert status(run_dir)["state"] == "finished"
