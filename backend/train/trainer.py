@@ -381,6 +381,9 @@ def train(run_dir: Path, deepspeed: str | None = None, resume: str | None = None
               f"{report.truncated} truncated), {report.tokens} tokens"
               + (f", {report.packed_blocks} packed blocks" if report.packed_blocks else ""), flush=True)
 
+    from transformers import set_seed
+
+    set_seed(cfg.training.seed)  # LoRA's initial weights come from this too: same seed, same run
     model = load_model(cfg, model_path, dtype, attn)
     if rank == 0 and hasattr(model, "print_trainable_parameters"):
         model.print_trainable_parameters()

@@ -1,0 +1,76 @@
+"""Many ranks for real: torchrun with DeepSpeed ZeRO-2 and ZeRO-3, two "nodes"
+on loopback, and a real one-node Slurm cluster."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from backend.runs import iter_files
+from train_utils import FTSTUDIO, ftstudio, metrics, status
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+QUICK = ["training.epochs=4", "saving.save_steps=8", "evaluation.every=8", "evaluation.max_new_tokens=6",
+         "training.micro_batch_size=1"]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def check_run(run_dir, world_size, min_drop=0.3):
+    st = status(run_dir)
+    assert st["state"] == "finished" and st["exit_code"] == 0, st
+    assert st["world_size"] == world_size
+    rows = metrics(run_dir)
+    assert rows, "rank 0 wrote no metrics"
+    assert len({r["step"] for r in rows}) == len(rows), "metrics written by more than one rank"
+    assert rows[-1]["loss"] < rows[0]["loss"] - min_drop
+    log = (run_dir / "train.log").read_text()
+    for rank in range(world_size):
+        assert f"[rank {rank}/{world_size}]" in log  # every rank wrote its own lines into train.log
+    step, path = iter_files(run_dir)[-1]
+    ckpt = torch.load(path, weights_only=True)
+    assert ckpt["state_dict"] and all(v.numel() > 0 for v in ckpt["state_dict"].values())
+    return rows
+
+
+def test_torchrun_two_ranks_ddp(tmp_path, tiny_model):
+    run_dir = tmp_path / "run"
+    out = ftstudio("train", "tiny_demo", *QUICK, "--work-dir", run_dir, cwd=tmp_path, env={"NPROC_PER_NODE": "2"})
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-3000:]
+    assert "torchrun" in out.stdout.split("command:", 1)[1].splitlines()[0]
+    check_run(run_dir, 2)
+
+
+@pytest.mark.parametrize("stage", ["deepspeed_zero2", "deepspeed_zero3"])
+def test_torchrun_deepspeed(tmp_path, tiny_model, stage):
+    run_dir = tmp_path / "run"
+    out = ftstudio("train", "tiny_demo", *QUICK, "--deepspeed", stage, "--work-dir", run_dir, cwd=tmp_path,
+                   env={"NPROC_PER_NODE": "2"}, timeout=900)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-3000:]
+    assert status(run_dir)["deepspeed"] == stage
+    check_run(run_dir, 2)
+
+
+def test_two_nodes_on_loopback(tmp_path, tiny_model):
+    """Two `ftstudio train` processes, as on two machines: NNODES=2, NODE_RANK=0/1."""
+    port = free_port()
+    run_dir = tmp_path / "run"
+    procs = []
+    for node in (0, 1):
+        env = {**{k: v for k, v in os.environ.items() if not k.startswith("SLURM_")},
+               "NPROC_PER_NODE": "1", "NNODES": "2", "NODE_RANK": str(node), "ADDR": "127.0.0.1", "PORT": str(port)}
+        procs.append(subprocess.Popen([FTSTUDIO, "train", "tiny_demo", *QUICK, "--work-dir", str(run_dir)],
+                                      cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outs = [p.communicate(timeout=900)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n-----\n".join(o[-3000:] for o in outs)
+    check_run(run_dir, 2)
