@@ -1,5 +1,5 @@
 # Two commands for a fresh machine:
-#   make demo   - the CLI over the bundled demo data (the studio comes later)
+#   make demo   - the CLI over the bundled demo: check the data, train the tiny model (the studio comes later)
 #   make test   - the test suite
 # Both create .venv and install what they need. CONSTRAINTS pins torch to the
 # CPU build for tests; GPU users: make demo CONSTRAINTS= keeps your CUDA torch.
@@ -20,13 +20,16 @@ $(STAMP): pyproject.toml ci/constraints.txt ci/test-requirements.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/ftstudio check-dataset assets/demo/studio_qa.json --tokenizer demo --template qwen_chat --max-length 256
+	$(VENV)/bin/ftstudio check-dataset assets/demo/studio_qa.jsonl --tokenizer demo --template qwen_chat --max-length 256
+	$(VENV)/bin/ftstudio train tiny_demo
 
 test: $(STAMP)
+	bash ci/system-deps.sh
 	$(VENV)/bin/python -m pytest -q
 
 bench: $(STAMP)
 	$(VENV)/bin/python bench/bench_data.py
+	$(VENV)/bin/python bench/bench_train.py
 
 clean:
 	rm -rf $(VENV) work_dirs .pytest_cache

@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DEMO_DATA = ROOT / "assets" / "demo" / "studio_qa.json"
+DEMO_DATA = ROOT / "assets" / "demo" / "studio_qa.jsonl"
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -32,8 +32,8 @@ def demo_dir() -> Path:
 
 def _training_text() -> list[str]:
     texts = []
-    for row in json.loads(DEMO_DATA.read_text(encoding="utf-8")):
-        texts.extend([row["instruction"], row["input"], row["output"]])
+    for line in DEMO_DATA.read_text(encoding="utf-8").splitlines():
+        texts.extend(m["content"] for m in json.loads(line)["messages"])
     readme = ROOT / "README.md"
     if readme.exists():
         texts.extend(readme.read_text(encoding="utf-8").splitlines())

@@ -306,7 +306,8 @@ def run(cfg: Config, spec: LaunchSpec, *, deepspeed: Path | None = None, run_dir
             command=cmd, host=socket.gethostname(), started=previous.get("started") if resume else now(),
             resumed_at=now() if resume else previous.get("resumed_at"), resumed_from=str(resume) if resume else None,
             ended=None, exit_code=None, error=None, config=cfg.name, method=cfg.training.method,
-            world_size=spec.nproc_per_node * spec.nnodes, deepspeed=deepspeed.stem if deepspeed else None,
+            world_size=int(os.environ.get("SLURM_NTASKS", "1")) if spec.launcher == "slurm"
+            else spec.nproc_per_node * spec.nnodes, deepspeed=deepspeed.stem if deepspeed else None,
         )
     stop = {"asked": False}
 

@@ -83,7 +83,7 @@ def test_check_dataset_unknown_template_and_map_fn():
 
 def test_demo_runs_without_shared(tmp_path):
     """The README's demo: the bundled data and a tokenizer built on the spot (no ../shared, no Hub)."""
-    out = run("check-dataset", ROOT / "assets" / "demo" / "studio_qa.json", "--tokenizer", "demo",
+    out = run("check-dataset", ROOT / "assets" / "demo" / "studio_qa.jsonl", "--tokenizer", "demo",
               "--template", "qwen_chat", env={"FTSTUDIO_DEMO_DIR": str(tmp_path / "demo")}, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "demo" / "tokenizer" / "tokenizer.json").exists()

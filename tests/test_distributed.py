@@ -74,3 +74,50 @@ def test_two_nodes_on_loopback(tmp_path, tiny_model):
     outs = [p.communicate(timeout=900)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], "\n-----\n".join(o[-3000:] for o in outs)
     check_run(run_dir, 2)
+
+
+@pytest.fixture(scope="module")
+def slurm_conf(tmp_path_factory):
+    """A real one-node Slurm cluster from Debian's packages, started for these tests."""
+    missing = [b for b in ("slurmctld", "slurmd", "srun", "sinfo") if not shutil.which(b)]
+    if missing:
+        pytest.fail(f"Slurm is not installed ({', '.join(missing)} missing): "
+                    "apt-get install slurmctld slurmd slurm-client (.ci/run does this)", pytrace=False)
+    folder = tmp_path_factory.mktemp("slurm")
+    script = os.path.join(ROOT, "tests", "slurm_cluster.sh")
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("SLURM_")},
+           "SLURM_CTLD_PORT": str(free_port()), "SLURMD_PORT": str(free_port())}
+    started = subprocess.run(["bash", script, "start", str(folder)], env=env, capture_output=True, text=True,
+                             stdin=subprocess.DEVNULL, timeout=120)
+    assert started.returncode == 0, started.stdout + started.stderr
+    yield folder / "slurm.conf"
+    subprocess.run(["bash", script, "stop", str(folder)], env=env, capture_output=True, timeout=120)
+
+
+def test_slurm_two_tasks_deepspeed(tmp_path, tiny_model, slurm_conf):
+    """srun -N1 --ntasks-per-node=2 ftstudio train ... --launcher slurm: each task is one rank."""
+    run_dir = tmp_path / "run"
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}, "SLURM_CONF": str(slurm_conf)}
+    for k in ("NPROC_PER_NODE", "NNODES", "NODE_RANK", "ADDR", "PORT"):
+        env.pop(k, None)
+    cmd = ["srun", "-N1", "--ntasks-per-node=2", "--kill-on-bad-exit=1", f"--chdir={tmp_path}", "--export=ALL",
+           FTSTUDIO, "train", "tiny_demo", *QUICK, "--launcher", "slurm", "--deepspeed", "deepspeed_zero2",
+           "--work-dir", str(run_dir)]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, stdin=subprocess.DEVNULL)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-3000:]
+    check_run(run_dir, 2)
+    log = (run_dir / "train.log").read_text()
+    assert "--slurm" in log and "torch.distributed.run" not in log and "torchrun" not in log
+
+
+def test_slurm_failure_exits_nonzero(tmp_path, tiny_model, slurm_conf):
+    """A rank that fails makes srun, and so the job, fail; the run says failed."""
+    run_dir = tmp_path / "run"
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}, "SLURM_CONF": str(slurm_conf)}
+    cmd = ["srun", "-N1", "--ntasks-per-node=2", "--kill-on-bad-exit=1", f"--chdir={tmp_path}", "--export=ALL",
+           FTSTUDIO, "train", "tiny_demo", *QUICK, "model.attn_implementation=flash_attention_2",
+           "--launcher", "slurm", "--work-dir", str(run_dir)]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, stdin=subprocess.DEVNULL)
+    assert out.returncode != 0
+    st = status(run_dir)
+    assert st["state"] == "failed" and st["error"], st

@@ -4,8 +4,10 @@ real stories260K model."""
 
 from __future__ import annotations
 
-import torch
+import json
+
 import pytest
+import torch
 
 from backend.runs import checkpoints, iter_files
 from conftest import DATA, STORIES_MODEL
@@ -15,7 +17,7 @@ FIELDS = {"step", "epoch", "loss", "lr", "grad_norm", "tokens_per_s", "elapsed_s
 
 
 def quick(*extra):
-    return ["training.epochs=8", "saving.save_steps=10", "evaluation.every=10",
+    return ["training.epochs=8", "training.lr=1e-2", "saving.save_steps=10", "evaluation.every=10",
             "evaluation.max_new_tokens=8", *extra]
 
 
@@ -30,10 +32,15 @@ def assert_learned(run_dir, min_drop=0.5):
     return rows
 
 
+# LoRA needs a base that has learned something: on the tiny random model the
+# adapters only reach the unigram plateau, so LoRA/QLoRA train the real
+# stories260K model; full fine-tuning trains the tiny local model.
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_train_one_process(tmp_path, tiny_model, method):
     run_dir = tmp_path / "run"
-    out = ftstudio("train", "tiny_demo", f"training.method={method}", *quick(), "--work-dir", run_dir, cwd=tmp_path)
+    model = [f"model.name_or_path={STORIES_MODEL}", "data.template=llama2_chat"] if method == "lora" else []
+    out = ftstudio("train", "tiny_demo", f"training.method={method}", *model, *quick(), "--work-dir", run_dir,
+                   cwd=tmp_path)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "step 1/" in out.stdout  # the log is echoed while it runs
     st = status(run_dir)
@@ -44,7 +51,9 @@ def test_train_one_process(tmp_path, tiny_model, method):
     assert len(checkpoints(run_dir)) <= 2
     ckpt = torch.load(run_dir / f"iter_{steps[-1]}.pth", weights_only=True)
     meta = ckpt["meta"]
-    assert meta["kind"] == method and meta["template"]["name"] == "qwen_chat" and meta["base_model"] == "demo"
+    assert meta["kind"] == method and meta["step"] == steps[-1]
+    assert meta["base_model"] == (str(STORIES_MODEL) if method == "lora" else "demo")
+    assert meta["template"]["name"] == ("llama2_chat" if method == "lora" else "qwen_chat")
     keys = list(ckpt["state_dict"])
     if method == "lora":
         assert keys and all("lora_" in k for k in keys)
@@ -54,23 +63,40 @@ def test_train_one_process(tmp_path, tiny_model, method):
     assert len(samples) >= 4  # 2 inputs at step 0 and later
 
 
-def test_qlora_one_process(tmp_path, tiny_model):
+def test_qlora_one_process(tmp_path):
+    """QLoRA (nf4, double quant) through bitsandbytes on the CPU, on the real model."""
     run_dir = tmp_path / "run"
-    out = ftstudio("train", "tiny_demo", "training.method=qlora", *quick(), "--work-dir", run_dir, cwd=tmp_path)
+    out = ftstudio("train", "tiny_demo", "training.method=qlora", f"model.name_or_path={STORIES_MODEL}",
+                   "data.template=llama2_chat", *quick("evaluation.inputs=[]"), "--work-dir", run_dir, cwd=tmp_path)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert_learned(run_dir, min_drop=0.3)
+    assert_learned(run_dir)
     step = iter_files(run_dir)[-1][0]
     ckpt = torch.load(run_dir / f"iter_{step}.pth", weights_only=True)
     assert ckpt["meta"]["kind"] == "qlora" and all("lora_" in k for k in ckpt["state_dict"])
     assert status(run_dir)["state"] == "finished"
 
 
+def test_qlora_evaluation_samples(tmp_path, tiny_model):
+    """Generation from a 4-bit model during training. bitsandbytes' CPU 4-bit
+    inference needs layer sizes in multiples of 32/64: the tiny model has them,
+    stories260K (intermediate 172) has not (there a failed evaluation is
+    logged and training goes on)."""
+    run_dir = tmp_path / "run"
+    out = ftstudio("train", "tiny_demo", "training.method=qlora", *quick("training.epochs=4"), "--work-dir", run_dir,
+                   cwd=tmp_path)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert_learned(run_dir, min_drop=0.1)
+    assert "evaluation samples at step" not in (run_dir / "train.log").read_text()
+    steps = {json.loads(line)["step"] for line in (run_dir / "samples.jsonl").read_text().splitlines()}
+    assert steps == {0, 10, 20}
+
+
 def test_real_model_on_real_data(tmp_path):
-    """The real stories260K model, LoRA on the real identity data (alpaca format)."""
+    """The real stories260K model, fully fine-tuned on the real identity data (alpaca format)."""
     run_dir = tmp_path / "run"
     out = ftstudio("train", "tiny_demo", f"model.name_or_path={STORIES_MODEL}",
-                   f"data.path={DATA / 'alpaca' / 'identity.json'}", "data.template=llama2_chat",
-                   "data.max_length=512", "training.lr=1e-2", *quick(), "--work-dir", run_dir, cwd=tmp_path)
+                   f"data.path={DATA / 'alpaca' / 'identity.json'}", "data.map_fn=auto", "data.template=llama2_chat",
+                   "data.max_length=512", *quick(), "--work-dir", run_dir, cwd=tmp_path)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert_learned(run_dir)
     assert status(run_dir)["state"] == "finished"

@@ -250,6 +250,17 @@ class RunDirCallback(TrainerCallback):
         return control
 
     def _answer(self, model, step: int):
+        """Answer the evaluation inputs; a failure here is logged, never fatal
+        (the samples are a window on training, not part of it)."""
+        try:
+            self._generate_samples(model, step)
+        except Exception as exc:  # noqa: BLE001
+            print(f"[rank {os.environ.get('RANK', '0')}] evaluation samples at step {step} failed: "
+                  f"{type(exc).__name__}: {exc}", flush=True)
+            trainer = self.trainer_ref()
+            (trainer.accelerator.unwrap_model(trainer.model) if model is None else model).train()
+
+    def _generate_samples(self, model, step: int):
         from transformers.integrations import is_deepspeed_zero3_enabled
 
         from ..data import generation_prompt, stop_words
@@ -381,6 +392,12 @@ def train(run_dir: Path, deepspeed: str | None = None, resume: str | None = None
               f"{report.truncated} truncated), {report.tokens} tokens"
               + (f", {report.packed_blocks} packed blocks" if report.packed_blocks else ""), flush=True)
 
+    if deepspeed and use_cpu:
+        # With use_cpu, accelerate starts gloo itself and DeepSpeed's comm layer
+        # is not set up yet; ZeRO-3's zero.Init would then see world size 1.
+        import deepspeed as ds
+
+        ds.init_distributed(dist_backend="gloo")
     from transformers import set_seed
 
     set_seed(cfg.training.seed)  # LoRA's initial weights come from this too: same seed, same run

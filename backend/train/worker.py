@@ -79,6 +79,25 @@ class AbortFlag:
         self.requested = True
 
 
+def skip_deepspeed_shm_build() -> None:
+    """DeepSpeed JIT-compiles its shared-memory all-reduce op at every
+    ``init_distributed`` on CPU. Training never uses it (it serves inference
+    all-reduce, and only when LOCAL_SIZE is set), yet its build takes ~45 s on
+    a fresh machine, races between ranks, and a build killed half-way leaves
+    a lock file that hangs every later run. So it is not built."""
+    import importlib
+
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    try:
+        # `import deepspeed.comm.torch` would bind the torch package (deepspeed.comm re-exports it)
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    except ImportError:
+        pass
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="backend.train.worker")
     ap.add_argument("run_dir")
@@ -92,6 +111,8 @@ def main(argv=None) -> int:
         slurm_to_torch_env()
     if not args.no_redirect:
         redirect_output(run_dir / "train.log")
+    if args.deepspeed:
+        skip_deepspeed_shm_build()
     abort_flag = AbortFlag()
     rank = int(os.environ.get("RANK", "0"))
     try:
