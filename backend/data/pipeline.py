@@ -173,6 +173,7 @@ def encode_dataset(
     if cache and ds.cache_files:
         folder = os.path.dirname(ds.cache_files[0]["filename"])
         from_cache = bool(glob.glob(os.path.join(folder, f"cache-{fingerprint}*.arrow")))
+    parallelism = os.environ.get("TOKENIZERS_PARALLELISM")
     encoded = ds.map(
         work,
         batched=True,
@@ -184,6 +185,14 @@ def encode_dataset(
         num_proc=num_proc if num_proc and num_proc > 1 else None,
         desc="map_fn + template + tokenize",
     )
+    # datasets sets TOKENIZERS_PARALLELISM=false for its forked workers and then
+    # restores only Python's copy of the environment, so the Rust tokenizer in
+    # this process would stay single-threaded from then on. Put it back for real.
+    if num_proc and num_proc > 1:
+        if parallelism is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)  # also unsets it in the C environment
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = parallelism
     return encoded, from_cache
 
 
