@@ -44,8 +44,11 @@ def check_run(run_dir, world_size, min_drop=0.3):
 
 
 def test_torchrun_two_ranks_ddp(tmp_path, tiny_model):
+    """Plain DDP over gloo, with bf16 mixed precision (this CPU has AVX-512 BF16)
+    and activation checkpointing on."""
     run_dir = tmp_path / "run"
-    out = ftstudio("train", "tiny_demo", *QUICK, "--work-dir", run_dir, cwd=tmp_path, env={"NPROC_PER_NODE": "2"})
+    out = ftstudio("train", "tiny_demo", *QUICK, "model.dtype=bf16", "training.gradient_checkpointing=true",
+                   "--work-dir", run_dir, cwd=tmp_path, env={"NPROC_PER_NODE": "2"})
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-3000:]
     assert "torchrun" in out.stdout.split("command:", 1)[1].splitlines()[0]
     check_run(run_dir, 2)
