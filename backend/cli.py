@@ -10,6 +10,7 @@ import sys
 
 from .config import ConfigError
 from .data.errors import DataError
+from .export import ExportError
 from .launch import LaunchError
 
 
@@ -193,6 +194,75 @@ def cmd_abort(args) -> int:
     return 1
 
 
+def cmd_convert(args) -> int:
+    from .export import merge, pth_to_hf
+
+    if args.convert_command == "pth_to_hf":
+        # CONFIG is optional (the .pth carries its config): 2 args = PTH SAVE_PATH, 3 = CONFIG PTH SAVE_PATH
+        if len(args.paths) == 2:
+            config, pth, save = None, *args.paths
+        elif len(args.paths) == 3:
+            config, pth, save = args.paths
+        else:
+            print("ftstudio convert pth_to_hf: give [CONFIG] PTH SAVE_PATH", file=sys.stderr)
+            return 2
+        pth_to_hf(pth, save, config=config, safe_serialization=args.safe_serialization,
+                  max_shard_size=args.max_shard_size)
+        return 0
+    merge(args.llm, args.adapter, args.save_path, max_shard_size=args.max_shard_size,
+          safe_serialization=args.safe_serialization, device=args.device)
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from .chat import GenerationSettings, load_chat_model, stream_reply
+    from .data.templates import SYSTEM_TEMPLATE
+
+    system = args.system
+    if args.system_template:
+        if args.system_template not in SYSTEM_TEMPLATE.names():
+            print(f"ftstudio chat: error: unknown --system-template {args.system_template!r}; known: "
+                  f"{', '.join(SYSTEM_TEMPLATE.names())}", file=sys.stderr)
+            return 2
+        system = getattr(SYSTEM_TEMPLATE, args.system_template)
+    chat = load_chat_model(args.llm, adapter=args.adapter, template=args.prompt_template, system=system,
+                           bits=args.bits, device=args.device)
+    settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                  top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+                                  seed=args.seed)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(f"chatting with {args.llm}{' + ' + args.adapter if args.adapter else ''} "
+              f"(template {chat.template}). RESET clears the history, EXIT quits.")
+    history = []
+    while True:
+        try:
+            line = input(">>> ") if interactive else sys.stdin.readline()
+        except EOFError:
+            break
+        if not interactive and line == "":
+            break  # end of the piped input
+        message = line.rstrip("\n")
+        if message.strip() == "EXIT":
+            break
+        if message.strip() == "RESET":
+            history = []
+            if interactive:
+                print("(history cleared)")
+            continue
+        if not message.strip():
+            continue
+        pieces = []
+        for piece in stream_reply(chat, history, message, settings):
+            pieces.append(piece)
+            if not args.no_streamer:
+                print(piece, end="", flush=True)
+        answer = "".join(pieces)
+        print(answer if args.no_streamer else "", flush=True)
+        history.append({"input": message, "output": answer})
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ftstudio",
@@ -238,6 +308,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="do not echo the training log")
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("convert", help="pth_to_hf: checkpoint -> HF adapter/model; merge: base + adapter -> model")
+    conv = p.add_subparsers(dest="convert_command", metavar="pth_to_hf|merge", required=True)
+    q = conv.add_parser("pth_to_hf", help="iter_<N>.pth -> Hugging Face adapter (LoRA) or model (full)")
+    q.add_argument("paths", nargs="+", metavar="[CONFIG] PTH SAVE_PATH")
+    q.add_argument("--safe-serialization", action=argparse.BooleanOptionalAction, default=True)
+    q.add_argument("--max-shard-size", default="2GB")
+    q = conv.add_parser("merge", help="merge an adapter into its base model (checks logits parity)")
+    q.add_argument("llm")
+    q.add_argument("adapter")
+    q.add_argument("save_path")
+    q.add_argument("--max-shard-size", default="2GB")
+    q.add_argument("--safe-serialization", action=argparse.BooleanOptionalAction, default=True)
+    q.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("chat", help="chat with a model (+ adapter), streaming; RESET / EXIT at the prompt")
+    p.add_argument("llm", help="model folder or Hub id ('demo' for the bundled tiny model)")
+    p.add_argument("--adapter", default=None)
+    p.add_argument("--prompt-template", default=None, help="default: what the adapter/model recorded")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--system", default=None, help="system text (default: what the adapter recorded)")
+    g.add_argument("--system-template", default=None, help="a named system text, e.g. alpaca, coder, medical")
+    p.add_argument("--bits", type=int, choices=[4, 8], default=None, help="load the model quantized (bitsandbytes)")
+    p.add_argument("--temperature", type=float, default=0.1)
+    p.add_argument("--top-k", type=int, default=40)
+    p.add_argument("--top-p", type=float, default=0.75)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--no-streamer", action="store_true", help="print each reply whole")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", choices=["cpu", "cuda", "auto"], default="auto")
+    p.set_defaults(func=cmd_chat)
+
     p = sub.add_parser("runs", help="list runs and their state")
     p.add_argument("--work-dir", default="work_dirs")
     p.set_defaults(func=cmd_runs)
@@ -255,7 +358,7 @@ def main(argv=None) -> int:
         return 2
     try:
         return args.func(args)
-    except (DataError, ConfigError, LaunchError) as exc:
+    except (DataError, ConfigError, LaunchError, ExportError) as exc:
         print(f"ftstudio {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

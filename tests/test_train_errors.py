@@ -33,7 +33,8 @@ def test_missing_model_path(tmp_path):
 
 
 def test_map_fn_does_not_match_columns(tmp_path, tiny_model):
-    check_fails(tmp_path, "tiny_demo", "data.map_fn=openai", expect="row 0, column 'messages': missing column 'messages'")
+    # the demo data is OpenAI-format `messages`; the alpaca map_fn wants other columns
+    check_fails(tmp_path, "tiny_demo", "data.map_fn=alpaca", expect="row 0, column 'output': missing column 'output'")
 
 
 def test_qlora_without_bitsandbytes(tmp_path, tiny_model):
@@ -61,7 +62,8 @@ def test_port_in_use(tmp_path, tiny_model):
 def test_zero_trainable_samples(tmp_path, tiny_model):
     data = tmp_path / "long.json"
     data.write_text(json.dumps([{"instruction": "word " * 400, "input": "", "output": "x"}] * 4))
-    check_fails(tmp_path, "tiny_demo", f"data.path={data}", "data.max_length=64", expect="no trainable sample")
+    check_fails(tmp_path, "tiny_demo", f"data.path={data}", "data.map_fn=alpaca", "data.max_length=64",
+                expect="no trainable sample")
 
 
 def test_unknown_deepspeed_config(tmp_path):

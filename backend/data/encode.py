@@ -27,7 +27,6 @@ call into the Rust tokenizer, which is where almost all the time goes.
 
 from __future__ import annotations
 
-from functools import lru_cache
 from itertools import chain
 from typing import Sequence
 
@@ -75,8 +74,9 @@ def validate_conversation(conversation) -> list[dict]:
     return conversation
 
 
-@lru_cache(maxsize=32)
-def _special_ids_cached(tokenizer_key: int, tokenizer) -> tuple[tuple[int, ...], tuple[int, ...]]:
+def special_ids(tokenizer) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(BOS ids the tokenizer puts in front of text, EOS ids). Recomputed each
+    call (two tiny encodes), so a tokenizer changed after use is read afresh."""
     probe = "a"
     plain = tokenizer.encode(probe, add_special_tokens=False)
     full = tokenizer.encode(probe, add_special_tokens=True)
@@ -93,11 +93,6 @@ def _special_ids_cached(tokenizer_key: int, tokenizer) -> tuple[tuple[int, ...],
     else:
         eos_ids = tuple(eos)
     return bos, eos_ids
-
-
-def special_ids(tokenizer) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """(BOS ids the tokenizer puts in front of text, EOS ids)."""
-    return _special_ids_cached(id(tokenizer), tokenizer)
 
 
 def _tokenize_many(tokenizer, texts: Sequence[str]) -> list[list[int]]:
@@ -191,7 +186,7 @@ def _encode_flat(conversations, tokenizer, template: Template, max_length) -> _F
     with a trained flag each; concatenation, label masking, truncation and the
     per-sample counts are numpy operations over the flat token stream.
     """
-    bos, eos = list(special_ids(tokenizer)[0]), list(special_ids(tokenizer)[1])
+    bos, eos = map(list, special_ids(tokenizer))
     texts: list[str] = []
     plan = []
     sep_cache: dict[str, int] = {}
@@ -346,6 +341,8 @@ def generation_prompt(conversation: list[dict], tokenizer, template) -> list[int
     for training, so the model sees at inference what it saw in training.
     """
     template = get_template(template)
+    if not conversation or conversation[-1].get("output") is not None:
+        raise DataError("generation_prompt needs a conversation whose last turn has an input and no output yet")
     history, last = conversation[:-1], conversation[-1]
     if template.uses_tokenizer_chat_template:
         messages = to_messages(history)

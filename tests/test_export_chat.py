@@ -1,0 +1,165 @@
+"""convert pth_to_hf, convert merge and chat, for real on CPU: a model trained
+until it reproduces answers from a real dataset, then exported, merged and
+asked through `ftstudio chat` over a pipe."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import subprocess
+
+import pytest
+import torch
+
+from backend.runs import iter_files
+from conftest import DATA, STORIES_MODEL
+from train_utils import FTSTUDIO, ftstudio
+
+ROWS = json.loads((DATA / "alpaca" / "identity.json").read_text())[:6]
+ANSWER = ROWS[0]["output"]  # the answer to "hi"
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory):
+    """stories260K + LoRA on six real identity rows, until it answers them."""
+    root = tmp_path_factory.mktemp("lora")
+    data = root / "identity6.json"
+    data.write_text(json.dumps(ROWS))
+    out = ftstudio("train", "tiny_demo", f"model.name_or_path={STORIES_MODEL}", f"data.path={data}",
+                   "data.map_fn=alpaca", "data.template=llama2_chat", "training.method=lora", "lora.r=32",
+                   "lora.alpha=64", "training.lr=2e-2", "training.epochs=150", "training.micro_batch_size=1",
+                   "saving.save_steps=1000", "evaluation.inputs=[]", "--work-dir", root / "run", "--quiet",
+                   cwd=root, timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return root, iter_files(root / "run")[-1][1]
+
+
+def chat(*args, stdin: str, cwd):
+    return subprocess.run([FTSTUDIO, "chat", *map(str, args), "--temperature", "0", "--max-new-tokens", "60"],
+                          input=stdin, capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+def test_lora_convert_merge_chat(lora_run):
+    root, pth = lora_run
+    adapter = root / "adapter"
+    out = ftstudio("convert", "pth_to_hf", pth, adapter, cwd=root)
+    assert out.returncode == 0, out.stderr
+    assert {"adapter_config.json", "adapter_model.safetensors", "ftstudio.json", "tokenizer.json"} <= \
+        {p.name for p in adapter.iterdir()}
+    meta = json.loads((adapter / "ftstudio.json").read_text())
+    assert meta["base_model"] == str(STORIES_MODEL) and meta["template"] == "llama2_chat"
+    assert "</s>" in meta["stop_words"]
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(adapter)
+    assert tok.chat_template and "[INST]" in tok.chat_template  # the training format, for plain transformers users
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(STORIES_MODEL), adapter)
+
+    merged = root / "merged"
+    out = ftstudio("convert", "merge", STORIES_MODEL, adapter, merged, cwd=root)
+    assert out.returncode == 0, out.stderr
+    assert "parity: max |logit difference|" in out.stdout
+    assert AutoModelForCausalLM.from_pretrained(merged) is not None
+
+    # base + adapter, through a pipe: one line = one turn, RESET clears history
+    got = chat(STORIES_MODEL, "--adapter", adapter, stdin="hi\nRESET\nhello\n", cwd=root)
+    assert got.returncode == 0, got.stderr
+    lines = [l for l in got.stdout.splitlines() if l.strip()]
+    assert lines[0] == ANSWER and lines[1] == ROWS[1]["output"]
+    # the merged model answers the same, with no flags (template recorded in ftstudio.json)
+    got = chat(merged, stdin="hi\n", cwd=root)
+    assert got.returncode == 0, got.stderr
+    assert got.stdout.strip() == ANSWER
+
+
+def test_convert_with_config_wins(lora_run, tmp_path):
+    root, pth = lora_run
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text((root / "run" / "config.yaml").read_text().replace("template: llama2_chat", "template: vicuna"))
+    out = ftstudio("convert", "pth_to_hf", cfg, pth, tmp_path / "adapter", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert json.loads((tmp_path / "adapter" / "ftstudio.json").read_text())["template"] == "vicuna"
+
+
+def test_full_finetune_converts_to_a_loadable_model(tmp_path, tiny_model):
+    out = ftstudio("train", "tiny_demo", "training.epochs=2", "evaluation.inputs=[]", "--work-dir", tmp_path / "run",
+                   "--quiet", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    step, pth = iter_files(tmp_path / "run")[-1]
+    out = ftstudio("convert", "pth_to_hf", pth, tmp_path / "model", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
+    trained = torch.load(pth, weights_only=True)["state_dict"]
+    name = next(k for k in trained if k.endswith("layers.0.self_attn.q_proj.weight"))
+    torch.testing.assert_close(model.state_dict()[name], trained[name])
+    # merging a complete model is refused
+    out = ftstudio("convert", "merge", tiny_model, tmp_path / "model", tmp_path / "merged", cwd=tmp_path)
+    assert out.returncode != 0 and "no adapter_config.json" in out.stderr
+    assert not (tmp_path / "merged").exists()
+
+
+def test_qlora_adapter_merges_onto_full_precision_base(tmp_path, tiny_model):
+    out = ftstudio("train", "tiny_demo", "training.method=qlora", "training.epochs=2", "evaluation.inputs=[]",
+                   "--work-dir", tmp_path / "run", "--quiet", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    pth = iter_files(tmp_path / "run")[-1][1]
+    assert ftstudio("convert", "pth_to_hf", pth, tmp_path / "adapter", cwd=tmp_path).returncode == 0
+    out = ftstudio("convert", "merge", "demo", tmp_path / "adapter", tmp_path / "merged", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "parity" in out.stdout
+    config = json.loads((tmp_path / "merged" / "config.json").read_text())
+    assert "quantization_config" not in config  # a plain full-precision model
+    # merging the same adapter into the merged model again is refused
+    out = ftstudio("convert", "merge", tmp_path / "merged", tmp_path / "adapter", tmp_path / "again", cwd=tmp_path)
+    assert out.returncode != 0 and "already has" in out.stderr and not (tmp_path / "again").exists()
+
+
+def test_corrupt_or_foreign_pth_is_refused_without_running_code(tmp_path):
+    bad = tmp_path / "iter_1.pth"
+    bad.write_bytes(b"\x00garbage" * 10)
+    out = ftstudio("convert", "pth_to_hf", bad, tmp_path / "out", cwd=tmp_path)
+    assert out.returncode != 0 and "not a readable Finetune Studio checkpoint" in out.stderr
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    evil = tmp_path / "iter_2.pth"
+    torch.save({"state_dict": Evil()}, evil, _use_new_zipfile_serialization=True, pickle_module=pickle)
+    out = ftstudio("convert", "pth_to_hf", evil, tmp_path / "out", cwd=tmp_path)
+    assert out.returncode != 0 and "weights_only" in out.stderr
+    assert not marker.exists() and not (tmp_path / "out").exists()
+    foreign = tmp_path / "iter_3.pth"
+    torch.save({"weights": torch.zeros(2)}, foreign)
+    out = ftstudio("convert", "pth_to_hf", foreign, tmp_path / "out", cwd=tmp_path)
+    assert out.returncode != 0 and "not a Finetune Studio checkpoint" in out.stderr
+
+
+def test_errors(lora_run, tmp_path, tiny_model):
+    root, pth = lora_run
+    adapter = root / "adapter_for_errors"
+    assert ftstudio("convert", "pth_to_hf", pth, adapter, cwd=root).returncode == 0
+    out = ftstudio("convert", "pth_to_hf", tmp_path / "nope.pth", tmp_path / "o", cwd=tmp_path)
+    assert out.returncode != 0 and "no such checkpoint file" in out.stderr
+    # an adapter whose base model is another one
+    out = ftstudio("convert", "merge", tiny_model, adapter, tmp_path / "m", cwd=tmp_path)
+    assert out.returncode != 0 and "does not fit" in out.stderr and not (tmp_path / "m").exists()
+    out = chat(tiny_model, "--adapter", adapter, stdin="hi\n", cwd=tmp_path)
+    assert out.returncode != 0 and "does not fit" in out.stderr
+    out = chat(STORIES_MODEL, "--adapter", adapter, "--prompt-template", "llama9", stdin="hi\n", cwd=tmp_path)
+    assert out.returncode != 0 and "unknown prompt template 'llama9'" in out.stderr and "llama2_chat" in out.stderr
+    out = chat(tmp_path / "missing_model", stdin="hi\n", cwd=tmp_path)
+    assert out.returncode != 0 and "no such folder" in out.stderr
+    shadow = tmp_path / "shadow" / "bitsandbytes"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError('no bitsandbytes here')\n")
+    got = subprocess.run([FTSTUDIO, "chat", str(STORIES_MODEL), "--adapter", str(adapter), "--bits", "4"],
+                         input="hi\n", capture_output=True, text=True, cwd=tmp_path, timeout=300,
+                         env={**__import__("os").environ, "PYTHONPATH": str(shadow.parent)})
+    assert got.returncode != 0 and "--bits 4 needs bitsandbytes" in got.stderr
+    assert "Traceback" not in out.stderr
