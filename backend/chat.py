@@ -51,12 +51,9 @@ def load_chat_model(llm: str, adapter: str | None = None, template: str | None =
     from transformers import AutoModelForCausalLM
 
     from .data import get_template, load_tokenizer, stop_words
-    from .demo import resolve_model
-    from .export import ExportError, read_meta
+    from .export import ExportError, check_llm, read_meta
 
-    llm_path = resolve_model(llm)
-    if not Path(llm_path).exists() and "/" not in llm:
-        raise ExportError(f"LLM {llm}: no such folder or Hub id")
+    llm_path = check_llm(llm)
     if adapter is not None and not (Path(adapter) / "adapter_config.json").exists():
         raise ExportError(f"adapter {adapter}: no adapter_config.json there (convert an iter_<N>.pth with "
                           "`ftstudio convert pth_to_hf` first)")

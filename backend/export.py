@@ -171,6 +171,17 @@ def pth_to_hf(pth: str | os.PathLike, save_path: str | os.PathLike, config: str 
     return Path(save_path)
 
 
+def check_llm(llm: str) -> str:
+    """The local path of ``llm`` ('demo' resolved), or ``llm`` itself for a Hub id; raises if neither."""
+    from .demo import resolve_model
+    from .launch import _looks_like_hub_id
+
+    path = resolve_model(str(llm))
+    if not Path(path).exists() and not _looks_like_hub_id(str(llm)):
+        raise ExportError(f"LLM {llm}: no such folder, and not a Hub id like org/name")
+    return path
+
+
 def _is_adapter(folder: Path) -> bool:
     return (folder / "adapter_config.json").exists()
 
@@ -194,7 +205,6 @@ def merge(llm: str, adapter: str | os.PathLike, save_path: str | os.PathLike, ma
     from transformers import AutoModelForCausalLM
 
     from .data import load_tokenizer
-    from .demo import resolve_model
 
     adapter = Path(adapter)
     if not adapter.exists():
@@ -202,9 +212,7 @@ def merge(llm: str, adapter: str | os.PathLike, save_path: str | os.PathLike, ma
     if not _is_adapter(adapter):
         what = "a complete (already merged or fully fine-tuned) model" if (adapter / "config.json").exists() else "not an adapter"
         raise ExportError(f"{adapter} is {what}: it has no adapter_config.json, so there is nothing to merge")
-    llm_path = resolve_model(llm)
-    if not Path(llm_path).exists() and "/" not in llm:
-        raise ExportError(f"LLM {llm}: no such folder or Hub id")
+    llm_path = check_llm(llm)
     llm_meta = read_meta(llm_path) if Path(llm_path).exists() else {}
     if llm_meta.get("merged_adapter") == str(adapter.resolve()):
         raise ExportError(f"{llm} already has {adapter} merged into it; merging it again would apply it twice")

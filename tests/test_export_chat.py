@@ -15,21 +15,26 @@ from backend.runs import iter_files
 from conftest import DATA, STORIES_MODEL
 from train_utils import FTSTUDIO, ftstudio
 
-ROWS = json.loads((DATA / "alpaca" / "identity.json").read_text())[:6]
+# Three real identity rows with distinct answers. Their {{name}}/{{author}}
+# placeholders are filled in (as LLaMA-Factory's docs tell users to do) with
+# names stories260K knows: its tied embeddings are frozen under LoRA, and
+# braces are byte tokens it never learned to emit.
+ROWS = [json.loads(json.dumps(r).replace("{{name}}", "Tim").replace("{{author}}", "Lily"))
+        for r in (json.loads((DATA / "alpaca" / "identity.json").read_text())[i] for i in (0, 3, 4))]
 ANSWER = ROWS[0]["output"]  # the answer to "hi"
 
 
 @pytest.fixture(scope="module")
 def lora_run(tmp_path_factory):
-    """stories260K + LoRA on six real identity rows, until it answers them."""
+    """stories260K + LoRA on the real identity rows, until it answers them."""
     root = tmp_path_factory.mktemp("lora")
-    data = root / "identity6.json"
+    data = root / "identity3.json"
     data.write_text(json.dumps(ROWS))
     out = ftstudio("train", "tiny_demo", f"model.name_or_path={STORIES_MODEL}", f"data.path={data}",
-                   "data.map_fn=alpaca", "data.template=llama2_chat", "training.method=lora", "lora.r=32",
-                   "lora.alpha=64", "training.lr=2e-2", "training.epochs=150", "training.micro_batch_size=1",
-                   "saving.save_steps=1000", "evaluation.inputs=[]", "--work-dir", root / "run", "--quiet",
-                   cwd=root, timeout=900)
+                   "data.map_fn=alpaca", "data.template=llama2_chat", "data.pack=false", "training.method=lora",
+                   "lora.r=64", "lora.alpha=128", "training.lr=3e-3", "training.epochs=100",
+                   "training.micro_batch_size=1", "saving.save_steps=1000", "evaluation.inputs=[]",
+                   "--work-dir", root / "run", "--quiet", cwd=root, timeout=900)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return root, iter_files(root / "run")[-1][1]
 
@@ -64,14 +69,17 @@ def test_lora_convert_merge_chat(lora_run):
     assert AutoModelForCausalLM.from_pretrained(merged) is not None
 
     # base + adapter, through a pipe: one line = one turn, RESET clears history
-    got = chat(STORIES_MODEL, "--adapter", adapter, stdin="hi\nRESET\nhello\n", cwd=root)
+    got = chat(STORIES_MODEL, "--adapter", adapter, stdin=f"hi\nRESET\n{ROWS[1]['instruction']}\n", cwd=root)
     assert got.returncode == 0, got.stderr
-    lines = [l for l in got.stdout.splitlines() if l.strip()]
-    assert lines[0] == ANSWER and lines[1] == ROWS[1]["output"]
+    assert got.stdout.startswith(ANSWER), got.stdout
+    assert ROWS[1]["output"] in got.stdout
+    base = chat(STORIES_MODEL, "--prompt-template", "llama2_chat", stdin="hi\n", cwd=root)
+    assert ANSWER not in base.stdout  # the answer comes from the adapter
     # the merged model answers the same, with no flags (template recorded in ftstudio.json)
-    got = chat(merged, stdin="hi\n", cwd=root)
-    assert got.returncode == 0, got.stderr
-    assert got.stdout.strip() == ANSWER
+    merged_reply = chat(merged, stdin="hi\n", cwd=root)
+    assert merged_reply.returncode == 0, merged_reply.stderr
+    assert merged_reply.stdout.startswith(ANSWER)
+    assert merged_reply.stdout.splitlines()[0] == got.stdout.splitlines()[0]
 
 
 def test_convert_with_config_wins(lora_run, tmp_path):
