@@ -55,7 +55,7 @@ def main():
     model, tok = chat.model, chat.tokenizer
     message = "How do I export and merge a LoRA adapter after training?"
     ids = torch.tensor([generation_prompt([{"input": message}], tok, "qwen_chat")])
-    settings = GenerationSettings(max_new_tokens=args.new_tokens, temperature=0.0)
+    settings = GenerationSettings(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, temperature=0.0)
 
     def plain():
         t0 = time.perf_counter()
@@ -78,13 +78,12 @@ def main():
 
     def ours():
         t0 = time.perf_counter()
-        ttft, text = None, ""
-        for piece in stream_reply(chat, [], message, settings):
+        ttft = None
+        for _ in stream_reply(chat, [], message, settings):
             if ttft is None:
                 ttft = time.perf_counter() - t0
-            text += piece
-        n = len(tok.encode(text, add_special_tokens=False))
-        return ttft, n / (time.perf_counter() - t0)
+        # min_new_tokens = max_new_tokens and no stop words: exactly that many tokens, as in plain()
+        return ttft, args.new_tokens / (time.perf_counter() - t0)
 
     plain(), ours()  # warm-up
     res = {"plain generate": [plain() for _ in range(args.repeat)], "stream_reply": [ours() for _ in range(args.repeat)]}

@@ -171,3 +171,33 @@ def test_errors(lora_run, tmp_path, tiny_model):
                          env={**__import__("os").environ, "PYTHONPATH": str(shadow.parent)})
     assert got.returncode != 0 and "--bits 4 needs bitsandbytes" in got.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_stream_reply_equals_generate(tiny_model):
+    """The streaming loop gives exactly what model.generate gives (greedy), in
+    pieces; stop words end the reply and never show."""
+    from transformers import AutoModelForCausalLM
+
+    from backend.chat import GenerationSettings, load_chat_model, reply, stream_reply
+    from backend.data import generation_prompt
+
+    chat = load_chat_model(str(tiny_model), template="qwen_chat", system="", device="cpu")
+    chat.stop_words = []
+    settings = GenerationSettings(max_new_tokens=30, min_new_tokens=30, temperature=0)
+    pieces = list(stream_reply(chat, [{"input": "Hi", "output": "Hello"}], "What is LoRA?", settings))
+    assert len(pieces) > 1
+    ids = torch.tensor([generation_prompt([{"input": "Hi", "output": "Hello"}, {"input": "What is LoRA?"}],
+                                          chat.tokenizer, "qwen_chat")])
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=30, min_new_tokens=30,
+                         do_sample=False, pad_token_id=chat.tokenizer.pad_token_id)
+    assert "".join(pieces) == chat.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=False)
+    # a stop word cuts the reply where it starts
+    full = "".join(pieces)
+    word = full[10:14]
+    chat.stop_words = [word]
+    assert reply(chat, [{"input": "Hi", "output": "Hello"}], "What is LoRA?", settings) == full[:full.find(word)]
+    # sampling with a seed repeats
+    chat.stop_words = []
+    sampled = GenerationSettings(max_new_tokens=20, temperature=0.8, seed=3)
+    assert reply(chat, [], "Hi", sampled) == reply(chat, [], "Hi", sampled)
