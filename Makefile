@@ -30,6 +30,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(VENV)/bin/python bench/bench_data.py
 	$(VENV)/bin/python bench/bench_train.py
+	$(VENV)/bin/python bench/bench_chat.py
 
 clean:
 	rm -rf $(VENV) work_dirs .pytest_cache

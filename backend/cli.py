@@ -358,7 +358,7 @@ def main(argv=None) -> int:
         return 2
     try:
         return args.func(args)
-    except (DataError, ConfigError, LaunchError, ExportError) as exc:
+    except (DataError, ConfigError, LaunchError, ExportError, FileExistsError, PermissionError) as exc:
         print(f"ftstudio {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

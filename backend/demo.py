@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
+
+from .atomic import atomic_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_DATA = ROOT / "assets" / "demo" / "studio_qa.jsonl"
@@ -63,16 +63,8 @@ def build_demo_tokenizer(out_dir: Path, vocab_size: int = 1024):
         additional_special_tokens=["<|im_start|>"],
     )
     fast.chat_template = CHATML_TEMPLATE
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tokenizer-", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         fast.save_pretrained(tmp)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return fast
 
 
@@ -105,18 +97,10 @@ def build_demo_model(out_dir: Path, seed: int = 0):
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".model-", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
+    return Path(out_dir)
 
 
 def demo_model_dir() -> Path:

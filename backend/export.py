@@ -20,11 +20,10 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import shutil
-import tempfile
 import zipfile
-from contextlib import contextmanager
 from pathlib import Path
+
+from .atomic import atomic_dir
 
 META_FILE = "ftstudio.json"
 PARITY_PROMPTS = ("Hello! Who are you?", "Give three tips for staying healthy.", "1 + 1 =")
@@ -32,24 +31,6 @@ PARITY_PROMPTS = ("Hello! Who are you?", "Give three tips for staying healthy.",
 
 class ExportError(ValueError):
     """A convert/merge problem, with what to do about it."""
-
-
-@contextmanager
-def atomic_dir(target: str | os.PathLike):
-    """Yield a temp folder; on success it replaces ``target``, on failure it vanishes."""
-    target = Path(target).resolve()
-    if target.exists() and not target.is_dir():
-        raise ExportError(f"{target} exists and is not a folder")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        yield tmp
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def load_iter(path: str | os.PathLike) -> dict:

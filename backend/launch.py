@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import Config, ConfigError
-from .runs import latest_checkpoint, now, read_status, update_status, write_json_atomic
+from .runs import latest_checkpoint, now, read_status, update_status
 
 DEEPSPEED_DIR = Path(__file__).resolve().parent / "deepspeed"
 DEEPSPEED_NAMES = ("deepspeed_zero1", "deepspeed_zero2", "deepspeed_zero2_offload", "deepspeed_zero3",

@@ -44,7 +44,6 @@ def main():
     ap.add_argument("--repeat", type=int, default=5)
     args = ap.parse_args()
     import torch
-    from transformers import TextIteratorStreamer  # noqa: F401 - imported here so both sides pay the import
 
     from backend.chat import GenerationSettings, load_chat_model, stream_reply
     from backend.data import generation_prompt

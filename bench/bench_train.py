@@ -215,7 +215,7 @@ def main():
                 print(f"{model_key + ' ' + str(round(r['params'] / 1e6, 1)) + 'M':<6}{precision:<6}{variant:<13}"
                       f"{r['tokens_per_s']:9.0f}{ratio:>9}{100 * r['padding']:8.1f}%{r['peak_rss_mb']:9.0f}"
                       f"{100 * r['mfu']:7.1f}%", flush=True)
-    print(f"(matmul peak measured: see MFU; model FLOPs per token = 4 x linear params + attention)")
+    print("(MFU: model FLOPs per real token = 4 x linear params + attention, over the measured matmul peak)")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,6 @@ import shutil
 import subprocess
 import sys
 
-import pytest
 
 from backend.data.map_fns import MAP_FNS
 from backend.data.templates import TEMPLATES

@@ -3,7 +3,7 @@
 import pytest
 import yaml
 
-from backend.config import ConfigError, RECIPES_DIR, apply_overrides, list_recipes, load_config, schema
+from backend.config import ConfigError, RECIPES_DIR, list_recipes, load_config, schema
 
 
 @pytest.mark.parametrize("name", list_recipes())

@@ -1,6 +1,5 @@
 """backend.data.load: every accepted source, and an error that names the path for each failure."""
 
-import json
 import shutil
 
 import datasets

@@ -4,9 +4,6 @@ exit, and no run folder left behind."""
 import json
 import socket
 
-import pytest
-
-from conftest import DATA
 from train_utils import ftstudio
 
 

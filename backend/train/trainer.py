@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
 from ..config import Config, ConfigError, from_dict
-from ..runs import COMPLETE_MARK, iter_files, read_jsonl, write_json_atomic
+from ..runs import COMPLETE_MARK, iter_files, read_jsonl
 from .collate import IGNORE_INDEX, PackedCollator, PaddedCollator
 
 ITER_FORMAT = "ftstudio-iter/1"

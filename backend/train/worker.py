@@ -11,7 +11,6 @@ at the file-descriptor level, so no pipe ever needs draining.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import sys
