@@ -175,6 +175,35 @@ def cmd_train(args) -> int:
     return code
 
 
+def cmd_estimate_memory(args) -> int:
+    from transformers import AutoConfig
+
+    from .config import load_config
+    from .demo import resolve_model
+    from .memory import estimate_memory
+
+    cfg = load_config(args.config, args.overrides)
+    try:
+        model_config = AutoConfig.from_pretrained(resolve_model(cfg.model.name_or_path),
+                                                  trust_remote_code=cfg.model.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        print(f"ftstudio estimate-memory: error: cannot read the config of {cfg.model.name_or_path}: {exc}",
+              file=sys.stderr)
+        return 2
+    stage = int(args.deepspeed[len("deepspeed_zero")]) if args.deepspeed else 0
+    dtype = cfg.model.dtype if cfg.model.dtype != "auto" else "bf16"
+    est = estimate_memory(cfg, model_config, world_size=args.world_size, zero_stage=stage,
+                          offload=bool(args.deepspeed and args.deepspeed.endswith("_offload")), dtype=dtype)
+    print(f"{cfg.training.method} on {cfg.model.name_or_path}: {est.params / 1e6:,.1f}M parameters, "
+          f"{est.trainable_params / 1e6:,.2f}M trained; per GPU ({args.world_size} ranks, "
+          f"{args.deepspeed or 'no ZeRO'}, {dtype}):")
+    for name in ("weights", "gradients", "optimizer", "activations"):
+        print(f"  {name:<12} {getattr(est, name + '_gib'):8.2f} GiB")
+    print(f"  {'total':<12} {est.total_gib:8.2f} GiB" + (f"   (+{est.cpu_offload_gib:.2f} GiB in CPU memory)"
+                                                        if est.cpu_offload_gib else ""))
+    return 0
+
+
 def cmd_runs(args) -> int:
     from .runs import list_runs
 
@@ -340,6 +369,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", choices=["cpu", "cuda", "auto"], default="auto")
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("estimate-memory", help="memory per GPU for a config, before launching it")
+    p.add_argument("config", help="recipe name or .yaml config")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.add_argument("--world-size", type=int, default=1, help="data-parallel ranks")
+    p.add_argument("--deepspeed", choices=["deepspeed_zero1", "deepspeed_zero2", "deepspeed_zero2_offload",
+                                           "deepspeed_zero3", "deepspeed_zero3_offload"], default=None)
+    p.set_defaults(func=cmd_estimate_memory)
 
     p = sub.add_parser("runs", help="list runs and their state")
     p.add_argument("--work-dir", default="work_dirs")
