@@ -357,3 +357,24 @@ def run(cfg: Config, spec: LaunchSpec, *, deepspeed: Path | None = None, run_dir
         if state == "aborted" and code == 0:
             code = 143
     return code, run_dir
+
+
+def start_detached(config: Config, run_dir: str | os.PathLike, *, deepspeed: str | None = None,
+                   env: dict | None = None, resume: bool = False) -> subprocess.Popen:
+    """Start ``ftstudio train`` for ``config`` in the background (its own
+    session, output into the run folder only) and return at once: what the
+    studio uses. The run is then followed through its run folder, so a
+    restarted caller finds it again (``backend.runs``)."""
+    run_dir = Path(run_dir).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_path = run_dir / "requested.yaml"
+    config_path.write_text(config.to_yaml(), encoding="utf-8")
+    cmd = [sys.executable, "-m", "backend.cli", "train", str(run_dir / "config.yaml" if resume else config_path),
+           "--work-dir", str(run_dir), "--quiet"]
+    if deepspeed:
+        cmd += ["--deepspeed", deepspeed]
+    if resume:
+        cmd.append("--resume")
+    with open(run_dir / "launcher.log", "ab") as log:
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True, env={**os.environ, **(env or {})})
