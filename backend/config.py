@@ -14,7 +14,7 @@ import difflib
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, get_args, get_origin, get_type_hints
+from typing import get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -314,8 +314,3 @@ def schema() -> list[dict]:
                 "min": f.metadata.get("min"),
             })
     return out
-
-
-def get_value(cfg: Config, key: str) -> Any:
-    section, _, name = key.partition(".")
-    return getattr(getattr(cfg, section), name)

@@ -18,13 +18,13 @@ from .errors import DataError
 from .loading import load
 from .map_fns import MAP_FNS, RowError, detect_map_fn, get_map_fn, register_map_fn
 from .packing import pack_dataset, plan_bins
-from .pipeline import DataReport, build_dataset, encode_dataset, first_conversation, load_tokenizer
+from .pipeline import DataReport, build_dataset, encode_dataset, load_tokenizer
 from .templates import SYSTEM_TEMPLATE, TEMPLATES, Template, get_template, register_template
 
 __all__ = [
     "IGNORE_INDEX", "MAP_FNS", "SYSTEM_TEMPLATE", "TEMPLATES", "DataError", "DataReport", "RowError",
     "Template", "build_dataset", "detect_map_fn", "encode", "encode_batch", "encode_dataset",
-    "first_conversation", "generation_prompt", "stop_words", "get_map_fn", "get_template", "load", "load_tokenizer", "pack_dataset",
+    "generation_prompt", "stop_words", "get_map_fn", "get_template", "load", "load_tokenizer", "pack_dataset",
     "plan_bins", "register_map_fn", "register_template", "special_ids", "to_messages",
     "validate_conversation",
 ]

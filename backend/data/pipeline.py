@@ -280,14 +280,3 @@ def build_dataset(
         report.packed_blocks = len(samples)
         report.pack_fill = round(report.tokens / (len(samples) * max_length), 4)
     return samples, report
-
-
-def first_conversation(source, map_fn="auto", **load_kw):
-    """The first row and its conversation, for previews (no tokenizer needed)."""
-    raw = source if isinstance(source, datasets.Dataset) else load(source, **load_kw)
-    if map_fn in (None, "", "auto"):
-        map_fn, reason = detect_map_fn(raw.column_names, raw.select(range(min(5, len(raw)))).to_list())
-        if map_fn is None:
-            raise DataError(reason)
-    row = raw[0]
-    return row, validate_conversation(get_map_fn(map_fn)(row)["conversation"])
