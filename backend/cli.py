@@ -11,7 +11,7 @@ import sys
 from .config import ConfigError
 from .data.errors import DataError
 from .export import ExportError
-from .launch import LaunchError
+from .launch import DEEPSPEED_NAMES, LaunchError
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
@@ -157,8 +157,9 @@ def cmd_train(args) -> int:
     run_dir = Path(args.work_dir) if args.work_dir else None
     resume_ckpt = None
     if args.resume is not None:
-        cfg_for_name = load_config(args.config, args.overrides) if args.resume is True or not Path(args.config).is_dir() else None
-        run_dir, resume_ckpt = find_resume(args.resume, run_dir, cfg_for_name.name if cfg_for_name else "")
+        # the config's name is only needed to find "the newest run of this config"
+        cfg_name = load_config(args.config, args.overrides).name if args.resume is True and run_dir is None else ""
+        run_dir, resume_ckpt = find_resume(args.resume, run_dir, cfg_name)
         cfg = load_config(run_dir / "config.yaml")
         if args.overrides:
             print("ftstudio train: note: --resume uses the run's own config.yaml; overrides are ignored",
@@ -374,8 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="recipe name or .yaml config")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.add_argument("--world-size", type=int, default=1, help="data-parallel ranks")
-    p.add_argument("--deepspeed", choices=["deepspeed_zero1", "deepspeed_zero2", "deepspeed_zero2_offload",
-                                           "deepspeed_zero3", "deepspeed_zero3_offload"], default=None)
+    p.add_argument("--deepspeed", choices=DEEPSPEED_NAMES, default=None)
     p.set_defaults(func=cmd_estimate_memory)
 
     p = sub.add_parser("runs", help="list runs and their state")

@@ -62,13 +62,6 @@ def read_meta(folder: str | os.PathLike) -> dict:
         return {}
 
 
-def _stop_words(template: dict, tokenizer) -> list[str]:
-    words = list(template.get("STOP_WORDS") or [])
-    if tokenizer is not None and tokenizer.eos_token and tokenizer.eos_token not in words:
-        words.append(tokenizer.eos_token)
-    return words
-
-
 def _save_tokenizer(tokenizer, folder: Path, template_name: str) -> bool:
     """Save the tokenizer with the training format as its chat_template (where expressible)."""
     from .chat_template import export_chat_template
@@ -96,7 +89,7 @@ def pth_to_hf(pth: str | os.PathLike, save_path: str | os.PathLike, config: str 
     import torch
 
     from .config import load_config
-    from .data import load_tokenizer
+    from .data import load_tokenizer, stop_words
     from .demo import resolve_model
 
     ckpt = load_iter(pth)
@@ -110,8 +103,8 @@ def pth_to_hf(pth: str | os.PathLike, save_path: str | os.PathLike, config: str 
     state = ckpt["state_dict"]
     kind = meta["kind"]
     record = {
-        "kind": kind, "base_model": base_name, "template": template, "stop_words": _stop_words(
-            meta.get("template", {}), tokenizer), "system": cfg.get("evaluation", {}).get("system", ""),
+        "kind": kind, "base_model": base_name, "template": template,
+        "stop_words": stop_words(tokenizer, template), "system": cfg.get("evaluation", {}).get("system", ""),
         "step": meta.get("step"), "source": str(Path(pth).resolve()),
     }
     with atomic_dir(save_path) as out:

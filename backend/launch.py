@@ -152,8 +152,6 @@ def _looks_like_hub_id(name: str) -> bool:
 def preflight(cfg: Config, spec: LaunchSpec, deepspeed: Path | None, build_data: bool = True):
     """Every check that can fail before a process is started. Raises ConfigError,
     DataError or LaunchError with a message that says what to change."""
-    from .demo import resolve_data, resolve_model
-
     model = cfg.model.name_or_path
     if model != "demo" and not Path(model).expanduser().exists() and not _looks_like_hub_id(model):
         raise ConfigError(f"model.name_or_path {model!r}: no such folder, and not a Hub id like org/name")
@@ -178,15 +176,9 @@ def preflight(cfg: Config, spec: LaunchSpec, deepspeed: Path | None, build_data:
             raise LaunchError(f"PORT={spec.port} is already in use on this machine; pick a free one")
     if not build_data:
         return None
-    from .data import build_dataset, load_tokenizer
+    from .train.data import training_data, training_tokenizer
 
-    model_path = resolve_model(model)
-    tokenizer = load_tokenizer(cfg.model.tokenizer or model_path, trust_remote_code=cfg.model.trust_remote_code)
-    _, report = build_dataset(
-        resolve_data(cfg.data.path), tokenizer=tokenizer, template=cfg.data.template, map_fn=cfg.data.map_fn,
-        max_length=cfg.data.max_length, pack=False, split=cfg.data.split, name=cfg.data.name,
-        data_files=cfg.data.data_files, num_proc=cfg.data.num_proc, max_rows=cfg.data.max_rows,
-    )
+    _, report = training_data(cfg, training_tokenizer(cfg), pack=False)
     return report
 
 

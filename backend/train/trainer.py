@@ -334,8 +334,8 @@ def train(run_dir: Path, deepspeed: str | None = None, resume: str | None = None
 
     import yaml
 
-    from ..data import build_dataset, load_tokenizer
-    from ..demo import resolve_data, resolve_model
+    from ..demo import resolve_model
+    from .data import training_data, training_tokenizer
 
     import datasets
 
@@ -348,7 +348,7 @@ def train(run_dir: Path, deepspeed: str | None = None, resume: str | None = None
     dtype = resolve_dtype(cfg.model.dtype)
     attn = resolve_attention(cfg.model.attn_implementation)
     model_path = resolve_model(cfg.model.name_or_path)
-    tokenizer = load_tokenizer(cfg.model.tokenizer or model_path, trust_remote_code=cfg.model.trust_remote_code)
+    tokenizer = training_tokenizer(cfg)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
 
@@ -381,12 +381,7 @@ def train(run_dir: Path, deepspeed: str | None = None, resume: str | None = None
         logging_first_step=False,
     )
     with args.main_process_first(desc="data"):
-        samples, report = build_dataset(
-            resolve_data(cfg.data.path), tokenizer=tokenizer, template=cfg.data.template, map_fn=cfg.data.map_fn,
-            max_length=cfg.data.max_length, pack=cfg.data.pack, split=cfg.data.split, name=cfg.data.name,
-            data_files=cfg.data.data_files, num_proc=cfg.data.num_proc, max_rows=cfg.data.max_rows,
-            seed=cfg.training.seed,
-        )
+        samples, report = training_data(cfg, tokenizer, pack=cfg.data.pack)
     if rank == 0:
         print(f"data: {report.rows} rows -> {report.kept} samples ({report.dropped} dropped, "
               f"{report.truncated} truncated), {report.tokens} tokens"
