@@ -94,6 +94,43 @@ def load_chat_model(llm: str, adapter: str | None = None, template: str | None =
                      stop_words(tokenizer, tpl), meta)
 
 
+def chat_source(path: str) -> tuple[str, str | None]:
+    """What to load for a model folder: ``(llm, adapter)``. An adapter folder
+    chats on the base it recorded; a model folder, 'demo' or a Hub id on itself."""
+    from .export import ExportError, read_meta
+
+    folder = Path(path)
+    if (folder / "adapter_config.json").exists():
+        base = read_meta(folder).get("base_model")
+        if not base:
+            import json
+
+            base = json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        if not base:
+            raise ExportError(f"adapter {path}: it does not say which base model it belongs to")
+        return base, str(folder)
+    return path, None
+
+
+class ModelCache:
+    """The last few loaded chat models, so the chat tab does not reload a
+    model on every message (loading is the slow part on a big model)."""
+
+    def __init__(self, size: int = 2):
+        self.size = size
+        self._models: dict[tuple, ChatModel] = {}
+
+    def get(self, llm: str, adapter: str | None = None, template: str | None = None, bits: int | None = None):
+        key = (llm, adapter, template, bits)
+        if key in self._models:
+            self._models[key] = self._models.pop(key)  # most recently used last
+        else:
+            while len(self._models) >= self.size:
+                self._models.pop(next(iter(self._models)))
+            self._models[key] = load_chat_model(llm, adapter, template=template, bits=bits)
+        return self._models[key]
+
+
 def _held_back(text: str, stops: list[str]) -> int:
     """How many trailing characters of ``text`` could begin a stop word."""
     keep = 0

@@ -177,24 +177,15 @@ def cmd_train(args) -> int:
 
 
 def cmd_estimate_memory(args) -> int:
-    from transformers import AutoConfig
-
     from .config import load_config
-    from .demo import resolve_model
-    from .memory import estimate_memory
+    from .memory import estimate_for
 
     cfg = load_config(args.config, args.overrides)
     try:
-        model_config = AutoConfig.from_pretrained(resolve_model(cfg.model.name_or_path),
-                                                  trust_remote_code=cfg.model.trust_remote_code)
-    except (OSError, ValueError) as exc:
-        print(f"ftstudio estimate-memory: error: cannot read the config of {cfg.model.name_or_path}: {exc}",
-              file=sys.stderr)
+        est, dtype = estimate_for(cfg, deepspeed=args.deepspeed, world_size=args.world_size)
+    except ValueError as exc:
+        print(f"ftstudio estimate-memory: error: {exc}", file=sys.stderr)
         return 2
-    stage = int(args.deepspeed[len("deepspeed_zero")]) if args.deepspeed else 0
-    dtype = cfg.model.dtype if cfg.model.dtype != "auto" else "bf16"
-    est = estimate_memory(cfg, model_config, world_size=args.world_size, zero_stage=stage,
-                          offload=bool(args.deepspeed and args.deepspeed.endswith("_offload")), dtype=dtype)
     print(f"{cfg.training.method} on {cfg.model.name_or_path}: {est.params / 1e6:,.1f}M parameters, "
           f"{est.trainable_params / 1e6:,.2f}M trained; per GPU ({args.world_size} ranks, "
           f"{args.deepspeed or 'no ZeRO'}, {dtype}):")

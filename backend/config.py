@@ -307,7 +307,8 @@ def schema() -> list[dict]:
                 "key": f"{section_name}.{f.name}",
                 "section": section_name,
                 "name": f.name,
-                "type": str(hints[f.name]).replace("typing.", ""),
+                "type": hints[f.name].__name__ if isinstance(hints[f.name], type)
+                else str(hints[f.name]).replace("typing.", ""),
                 "default": getattr(section, f.name),
                 "help": f.metadata.get("help", ""),
                 "choices": list(f.metadata["choices"]) if "choices" in f.metadata else None,

@@ -145,6 +145,20 @@ def pth_to_hf(pth: str | os.PathLike, save_path: str | os.PathLike, config: str 
     return Path(save_path)
 
 
+def hf_dir_for(pth: str | os.PathLike) -> Path:
+    """Where the studio keeps the converted form of a run's iter_<N>.pth: <run>/hf/iter_<N>."""
+    pth = Path(pth)
+    return pth.parent / "hf" / pth.stem
+
+
+def ensure_hf(pth: str | os.PathLike, log=print) -> Path:
+    """The converted folder of ``pth`` (converting it the first time)."""
+    out = hf_dir_for(pth)
+    if not (out / META_FILE).exists():
+        pth_to_hf(pth, out, log=log)
+    return out
+
+
 def check_llm(llm: str) -> str:
     """The local path of ``llm`` ('demo' resolved), or ``llm`` itself for a Hub id; raises if neither."""
     from .demo import resolve_model

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import Config, ConfigError
-from .runs import latest_checkpoint, now, read_status, update_status
+from .runs import last_error, latest_checkpoint, now, read_status, update_status
 
 DEEPSPEED_DIR = Path(__file__).resolve().parent / "deepspeed"
 DEEPSPEED_NAMES = ("deepspeed_zero1", "deepspeed_zero2", "deepspeed_zero2_offload", "deepspeed_zero3",
@@ -225,17 +225,6 @@ def find_resume(resume: str | bool, run_dir: Path | None, cfg_name: str, work_ro
     raise ConfigError(f"--resume {resume}: not a checkpoint folder, iter_<N>.pth or run folder")
 
 
-def _tail_error(log: Path, lines: int = 12) -> str | None:
-    try:
-        text = log.read_text(encoding="utf-8", errors="replace").splitlines()
-    except OSError:
-        return None
-    for i in range(len(text) - 1, -1, -1):
-        if re.match(r"^\w*(Error|Exception)\b.*:", text[i]) or "Error:" in text[i]:
-            return text[i].strip()[:500]
-    return "\n".join(text[-lines:])[-500:] or None
-
-
 class Follower:
     """Echo train.log to a stream as it grows (reading a file never blocks the writers)."""
 
@@ -341,7 +330,7 @@ def run(cfg: Config, spec: LaunchSpec, *, deepspeed: Path | None = None, run_dir
                 code = 1  # a rank died without saying so: never report success
         error = result.get("error") if state == "failed" else None
         if state == "failed" and not error:
-            error = _tail_error(log_path)
+            error = last_error(log_path)
         update_status(run_dir, state=state, ended=now(), exit_code=code, error=error)
         if follow is not None:
             follow.write(f"run {state} (exit code {code}): {run_dir}\n")
@@ -367,6 +356,14 @@ def start_detached(config: Config, run_dir: str | os.PathLike, *, deepspeed: str
         cmd += ["--deepspeed", deepspeed]
     if resume:
         cmd.append("--resume")
+    # "queued" until the launcher's preflight passes and it writes "running";
+    # if the preflight fails, effective_status() reads the error off launcher.log
+    fresh = {} if resume else {"started": now(), "config": config.name, "method": config.training.method}
+    update_status(run_dir, state="queued", pid=None, host=socket.gethostname(), ended=None, exit_code=None,
+                  error=None, command=cmd, **fresh)
     with open(run_dir / "launcher.log", "ab") as log:
-        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True, env={**os.environ, **(env or {})})
+    if read_status(run_dir).get("state") == "queued":
+        update_status(run_dir, pid=proc.pid)
+    return proc

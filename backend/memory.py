@@ -112,3 +112,30 @@ def estimate_memory(cfg, model_config, *, world_size: int = 1, zero_stage: int =
         acts = per_layer * mc.num_hidden_layers
     acts += mb * seq * mc.vocab_size * 4  # fp32 logits (an upper bound: the labeled-only head keeps fewer rows)
     return MemoryEstimate(total, trainable, weights / GIB, grads / GIB, optim / GIB, acts / GIB, cpu / GIB)
+
+
+_MODEL_CONFIGS: dict = {}
+
+
+def estimate_for(cfg, *, deepspeed: str | None = None, world_size: int = 1) -> tuple[MemoryEstimate, str]:
+    """The estimate for a Config as it would launch: reads the model's config
+    (not its weights; 'demo' is the bundled model), the ZeRO stage and offload
+    from the DeepSpeed config name. Returns (estimate, dtype it assumed)."""
+    from transformers import AutoConfig
+
+    from .demo import resolve_model
+
+    key = (cfg.model.name_or_path, cfg.model.trust_remote_code)
+    if key not in _MODEL_CONFIGS:
+        try:
+            _MODEL_CONFIGS[key] = AutoConfig.from_pretrained(resolve_model(cfg.model.name_or_path),
+                                                             trust_remote_code=cfg.model.trust_remote_code)
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"cannot read the config of model {cfg.model.name_or_path}: "
+                             f"{str(exc).splitlines()[0][:300]}") from None
+    name = deepspeed or ""
+    stage = int(name[len("deepspeed_zero")]) if name.startswith("deepspeed_zero") else 0
+    dtype = cfg.model.dtype if cfg.model.dtype != "auto" else "bf16"
+    est = estimate_memory(cfg, _MODEL_CONFIGS[key], world_size=world_size, zero_stage=stage,
+                          offload=name.endswith("_offload"), dtype=dtype)
+    return est, dtype

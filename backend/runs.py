@@ -71,14 +71,33 @@ def _alive(pid: int | None) -> bool:
         return True
 
 
+def last_error(log: Path, lines: int = 12) -> str | None:
+    """The last line of ``log`` that reads like an error, else its last lines."""
+    try:
+        text = Path(log).read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return None
+    for i in range(len(text) - 1, -1, -1):
+        if re.match(r"^\w*(Error|Exception)\b.*:", text[i]) or "error:" in text[i].lower():
+            return text[i].strip()[:500]
+    return "\n".join(text[-lines:])[-500:] or None
+
+
 def effective_status(run_dir) -> dict:
-    """status.json, corrected when it says running but its launcher is gone
-    (killed with SIGKILL, machine rebooted) and on this host."""
+    """status.json, corrected when it says queued/running but its launcher is
+    gone (a failed preflight, SIGKILL, a reboot) and on this host."""
     status = read_status(run_dir)
-    if status.get("state") == "running" and status.get("host") == socket.gethostname():
+    if status.get("state") in ("queued", "running") and status.get("host") == socket.gethostname():
         if not _alive(status.get("pid")):
-            status = {**status, "state": "failed", "error": status.get("error") or "the launcher died"}
+            error = status.get("error") or (last_error(Path(run_dir) / "launcher.log")
+                                            if status["state"] == "queued" else None) or "the launcher died"
+            status = {**status, "state": "failed", "error": error}
     return status
+
+
+def active_runs(work_dir="work_dirs") -> list[dict]:
+    """Runs under ``work_dir`` that are queued or running now."""
+    return [r for r in list_runs(work_dir) if r.get("state") in ("queued", "running")]
 
 
 def list_runs(work_dir="work_dirs") -> list[dict]:
@@ -151,3 +170,56 @@ def read_jsonl(path) -> list[dict]:
     except OSError:
         pass
     return out
+
+
+class JsonlTail:
+    """The rows of a growing JSON-lines file, read incrementally: each call
+    reads only the bytes appended since the last one (what a live view
+    polling every second needs), and starts over if the file was replaced."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.rows: list[dict] = []
+        self._pos = 0
+        self._ino = None
+
+    def read(self) -> tuple[list[dict], bool]:
+        """(all rows so far, whether any row is new since the last call)."""
+        try:
+            st = self.path.stat()
+        except OSError:
+            changed = bool(self.rows)
+            self.rows, self._pos, self._ino = [], 0, None
+            return self.rows, changed
+        if st.st_ino != self._ino or st.st_size < self._pos:
+            self.rows, self._pos, self._ino = [], 0, st.st_ino
+        if st.st_size == self._pos:
+            return self.rows, False
+        with open(self.path, "rb") as f:
+            f.seek(self._pos)
+            chunk = f.read()
+        end = chunk.rfind(b"\n") + 1  # a line still being written waits for the next call
+        before = len(self.rows)
+        for line in chunk[:end].splitlines():
+            try:
+                self.rows.append(json.loads(line))
+            except ValueError:
+                pass
+        self._pos += end
+        return self.rows, len(self.rows) != before
+
+
+def tail_text(path, max_bytes: int = 20000) -> str:
+    """The end of a text file (whole lines), for log views."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - max_bytes))
+            data = f.read()
+    except OSError:
+        return ""
+    text = data.decode("utf-8", errors="replace")
+    if size > max_bytes and "\n" in text:
+        text = text.split("\n", 1)[1]
+    return text

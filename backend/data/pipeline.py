@@ -101,30 +101,33 @@ def _map_fn_identity(fn) -> str:
     return f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', repr(fn))}:{hashlib.sha256(src.encode()).hexdigest()[:16]}"
 
 
+def map_row(map_fn, map_name: str, row: dict, row_index: int) -> list[dict]:
+    """One row through the map_fn -> its validated conversation; errors name the row and column."""
+    try:
+        out = map_fn(row)
+        if not isinstance(out, dict) or "conversation" not in out:
+            raise RowError(
+                f"the map_fn returned {type(out).__name__}, not a dict with a 'conversation' key",
+                "conversation",
+            )
+        return validate_conversation(out["conversation"])
+    except RowError as exc:
+        raise DataError(f"row {row_index}, column {exc.column!r}: {exc} (map_fn {map_name})") from None
+    except KeyError as exc:
+        raise DataError(
+            f"row {row_index}: map_fn {map_name} needs column {exc} which this dataset lacks "
+            f"(columns: {', '.join(row)})"
+        ) from None
+    except DataError:
+        raise
+    except Exception as exc:
+        raise DataError(f"row {row_index}: map_fn {map_name} failed: {type(exc).__name__}: {exc}") from None
+
+
 def _encode_rows(batch, indices, *, map_fn, map_name, template, tokenizer, max_length):
     columns = list(batch)
-    conversations = []
-    for j, row_index in enumerate(indices):
-        row = {c: batch[c][j] for c in columns}
-        try:
-            out = map_fn(row)
-            if not isinstance(out, dict) or "conversation" not in out:
-                raise RowError(
-                    f"the map_fn returned {type(out).__name__}, not a dict with a 'conversation' key",
-                    "conversation",
-                )
-            conversations.append(validate_conversation(out["conversation"]))
-        except RowError as exc:
-            raise DataError(f"row {row_index}, column {exc.column!r}: {exc} (map_fn {map_name})") from None
-        except KeyError as exc:
-            raise DataError(
-                f"row {row_index}: map_fn {map_name} needs column {exc} which this dataset lacks "
-                f"(columns: {', '.join(columns)})"
-            ) from None
-        except DataError:
-            raise
-        except Exception as exc:
-            raise DataError(f"row {row_index}: map_fn {map_name} failed: {type(exc).__name__}: {exc}") from None
+    conversations = [map_row(map_fn, map_name, {c: batch[c][j] for c in columns}, row_index)
+                     for j, row_index in enumerate(indices)]
     return encode_batch(conversations, tokenizer, template, max_length, as_arrow=True)
 
 
@@ -211,14 +214,16 @@ def build_dataset(
     max_rows: int | None = None,
     seed: int = 0,
     cache: bool = True,
+    where: str | None = None,
 ) -> tuple[datasets.Dataset, DataReport]:
     """Training samples from a dataset path / Hub id (or a ``datasets.Dataset``).
 
+    ``where`` names an in-memory dataset's origin in error messages.
     Returns the samples (``input_ids``, ``labels``, ``length``; plus
     ``position_ids`` and ``seq_lens`` when packed) and a DataReport.
     """
     if isinstance(source, datasets.Dataset):
-        raw, where = source, "<dataset>"
+        raw, where = source, where or "<dataset>"
     else:
         raw, where = load(source, name=name, split=split, data_files=data_files), str(source)
     if max_rows is not None:

@@ -222,6 +222,7 @@ class RunDirCallback(TrainerCallback):
             return
         row = {
             "step": state.global_step,
+            "max_steps": state.max_steps,
             "epoch": round(state.epoch or 0.0, 4),
             "loss": logs.get("loss"),
             "lr": logs.get("learning_rate"),

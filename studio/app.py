@@ -1,0 +1,136 @@
+"""The studio: five tabs (Dataset, Train, Runs, Export, Chat) over the backend,
+and the server that serves them.
+
+    python app.py [--host 127.0.0.1] [--port 7860] [--share] [--auth USER:PASS | --auth-file F]
+                  [--work-dir DIR] [--allow-path DIR ...] [--allow-custom-code]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import gradio as gr
+
+from . import chat_tab, dataset_tab, export_tab, runs_tab, train_tab
+from .context import StudioContext
+
+CSS = """
+#ds-sample .textfield { font-family: ui-monospace, monospace; white-space: pre-wrap; }
+#runs-log textarea { font-family: ui-monospace, monospace; font-size: 12px; }
+"""
+
+
+def build_app(ctx: StudioContext) -> gr.Blocks:
+    with gr.Blocks(title="Finetune Studio") as app:
+        gr.Markdown("## Finetune Studio\nDataset → Train → Runs → Export → Chat. "
+                    f"Work directory: `{ctx.work_dir}`")
+        with gr.Tabs(selected="dataset", elem_id="tabs") as tabs:
+            with gr.Tab("Dataset", id="dataset", elem_id="tab-dataset"):
+                ds = dataset_tab.build(ctx)
+            with gr.Tab("Train", id="train", elem_id="tab-train"):
+                tr = train_tab.build(ctx)
+            with gr.Tab("Runs", id="runs", elem_id="tab-runs"):
+                rn = runs_tab.build(ctx)
+            with gr.Tab("Export", id="export", elem_id="tab-export"):
+                export_run, export_refresh = export_tab.build(ctx)
+            with gr.Tab("Chat", id="chat", elem_id="tab-chat"):
+                chat_model = chat_tab.build(ctx)
+
+        # Dataset -> Train: carry the data choices into the form
+        data_keys = ["data.path", "data.name", "data.split", "data.map_fn", "data.template", "data.max_length"]
+
+        def use_data(src, sub, spl, fn, tpl, max_len):
+            return [src, sub or "", spl or "train", fn or "auto", tpl, int(max_len or 256), gr.Tabs(selected="train")]
+
+        ds.use.click(use_data, [ds.source, ds.subset, ds.split, ds.map_fn, ds.template, ds.max_length],
+                     [*(tr.fields[k] for k in data_keys), tabs]).then(tr.check, tr.check_inputs, tr.check_outputs)
+
+        # Train -> Runs: follow the run that was just launched
+        tr.launched_run.change(
+            lambda name: (runs_tab.select_update(ctx, [name]) if name else gr.skip(),
+                          gr.Tabs(selected="runs") if name else gr.skip()),
+            tr.launched_run, [rn.selected, tabs])
+
+        # on page load (a refresh or a restarted studio): the demo data, the form's
+        # checks, the newest running run, fresh pickers
+        app.load(lambda: runs_tab.select_update(ctx), None, rn.selected)
+        app.load(tr.check, tr.check_inputs, tr.check_outputs)
+        app.load(lambda: (export_refresh(None), gr.update(choices=chat_tab.model_choices(ctx))), None,
+                 [export_run, chat_model])
+        ds.load_on_start(app)
+    return app
+
+
+def warm_imports() -> None:
+    """Import the heavy libraries once, before the server's worker threads
+    do: transformers' lazy modules fail when several threads import them at
+    once ("module 'transformers' has no attribute ...")."""
+    import datasets  # noqa: F401
+    import peft  # noqa: F401
+    from transformers import (  # noqa: F401
+        AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase,
+    )
+
+
+def read_auth(args) -> list[tuple[str, str]] | None:
+    pairs = []
+    if args.auth:
+        pairs.append(args.auth)
+    if args.auth_file:
+        try:
+            lines = Path(args.auth_file).read_text(encoding="utf-8").splitlines()
+        except OSError as exc:
+            raise SystemExit(f"app.py: error: --auth-file {args.auth_file}: {exc.strerror}")
+        pairs += [(i, line.strip()) for i, line in enumerate(lines, 1) if line.strip() and not line.startswith("#")]
+    out = []
+    for where, item in pairs:
+        user, sep, password = item.partition(":")
+        if not sep or not user or not password:
+            raise SystemExit(f"app.py: error: {where}: credentials should read USER:PASSWORD")
+        out.append((user, password))
+    return out or None
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="app.py", description="Finetune Studio: the browser studio")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--share", action="store_true", help="a public Gradio link (needs --auth or --auth-file)")
+    p.add_argument("--auth", metavar="USER:PASS", type=lambda s: ("--auth", s), help="require this login")
+    p.add_argument("--auth-file", metavar="FILE", help="logins, one USER:PASS per line")
+    p.add_argument("--work-dir", default="work_dirs", help="runs, uploads, configs and exports (default work_dirs)")
+    p.add_argument("--allow-path", action="append", default=[], metavar="DIR",
+                   help="also let users read datasets and models from DIR (repeatable)")
+    p.add_argument("--allow-custom-code", action="store_true",
+                   help="allow custom map_fn files and trust_remote_code models (they run on this server)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    auth = read_auth(args)
+    if args.share and not auth:
+        print("app.py: error: --share makes the studio public: a GPU box must not be open to anyone with the "
+              "link. Add --auth USER:PASS or --auth-file FILE.", file=sys.stderr)
+        return 2
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not auth:
+        print(f"app.py: warning: listening on {args.host} without --auth: anyone who can reach this port "
+              "can train and run code on this machine", file=sys.stderr)
+    from backend.demo import demo_model_dir
+
+    print("preparing the demo model (built once, on first start)…", flush=True)
+    warm_imports()
+    demo_model_dir()
+    ctx = StudioContext(Path(args.work_dir), allow_custom_code=args.allow_custom_code,
+                        allowed_paths=[Path(p) for p in args.allow_path])
+    app = build_app(ctx)
+    app.queue(default_concurrency_limit=1)
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    app.launch(server_name=args.host, server_port=args.port, share=args.share, auth=auth,
+               auth_message="Finetune Studio: log in" if auth else None, theme=gr.themes.Soft(), css=CSS,
+               allowed_paths=[str(ctx.work_dir / "configs")], max_file_size="2gb", footer_links=["api"],
+               ssr_mode=False)
+    return 0

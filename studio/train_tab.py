@@ -1,0 +1,316 @@
+"""Train tab: a recipe, then a form generated from ``backend.config.schema()``
+(grouped by section, help under each field, errors beside it), the launch
+shape (DeepSpeed, processes, nodes), the YAML and command line it will run,
+a memory estimate, and Launch / Save / Load."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import gradio as gr
+import yaml
+
+from backend.config import SECTIONS, Config, ConfigError, from_dict, list_recipes, load_config, schema, set_field
+from backend.launch import DEEPSPEED_NAMES, start_detached
+from backend.memory import estimate_for
+from backend.runs import active_runs, effective_status
+
+from .context import StudioContext, StudioError
+
+FIELDS = schema()
+OPEN_SECTIONS = ("model", "data", "training")
+SECTION_TITLES = {
+    "model": "Model", "data": "Data", "training": "Training", "lora": "LoRA (method lora / qlora)",
+    "quantization": "Quantization (method qlora)", "saving": "Saving", "evaluation": "Evaluation samples",
+}
+PATH_FIELDS = {"model.name_or_path": "model", "model.tokenizer": "tokenizer", "data.path": "dataset"}
+LINES_FIELDS = {"evaluation.inputs"}  # lists typed one item per line
+NO_DEEPSPEED = "none"
+DEFAULT_RECIPE = "tiny_demo"  # the bundled demo: trains on a CPU in under a minute
+
+
+# --- form values <-> config ---------------------------------------------------------------
+
+
+def to_ui(f: dict, value):
+    if f["key"] in LINES_FIELDS:
+        return "\n".join(map(str, value or []))
+    if f["type"].startswith("list") or (isinstance(value, list) and f["type"] != "bool"):
+        return "" if value is None else yaml.safe_dump(value, default_flow_style=True).strip()
+    if value is None and f["type"] != "bool" and f["choices"] is None:
+        return ""
+    if f["type"] in ("int | None", "float | None"):
+        return str(value)
+    return value
+
+
+def from_ui(f: dict, raw):
+    """A form value -> the config value (ValueError on text that does not parse)."""
+    t = f["type"]
+    if t == "bool":
+        return bool(raw)
+    if f["key"] in LINES_FIELDS:
+        return [line.strip() for line in str(raw or "").splitlines() if line.strip()]
+    if raw is None or (isinstance(raw, str) and not raw.strip()):
+        return None if "None" in t else ("" if t == "str" else None)
+    if t.startswith("list"):
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            raise ValueError(f"not a list: {str(exc).splitlines()[0]}") from None
+        return value
+    if isinstance(raw, float) and raw.is_integer() and "int" in t:
+        return int(raw)
+    if isinstance(raw, str) and t in ("int | None", "float | None"):
+        try:
+            return int(raw) if t.startswith("int") else float(raw)
+        except ValueError:
+            raise ValueError(f"{f['key']} should be a number or empty, got {raw!r}") from None
+    return raw
+
+
+def form_to_config(ctx: StudioContext, name: str, values: list) -> tuple[Config | None, dict[str, str], str]:
+    """(config or None, {field key: error}, cross-field error)."""
+    data: dict = {"name": (name or "run").strip()}
+    errors: dict[str, str] = {}
+    for f, raw in zip(FIELDS, values):
+        try:
+            value = from_ui(f, raw)
+            if f["key"] in PATH_FIELDS and value:
+                value = ctx.check_path(value, PATH_FIELDS[f["key"]])
+            if f["key"] == "data.map_fn" and value:
+                ctx.check_map_fn(value)
+            if f["key"] == "model.trust_remote_code" and value and not ctx.allow_custom_code:
+                raise StudioError("the model's own code would run on this server; restart the studio with "
+                                  "--allow-custom-code to allow it")
+            set_field(SECTIONS[f["section"]](), f["section"], f["name"], value, source="form")
+        except (ValueError, ConfigError) as exc:
+            errors[f["key"]] = str(exc).removeprefix("form: ")
+            continue
+        data.setdefault(f["section"], {})[f["name"]] = value
+    if errors:
+        return None, errors, ""
+    if not data["name"].replace("-", "").replace("_", "").replace(".", "").isalnum():
+        return None, {}, f"run name {data['name']!r}: use letters, digits, '-', '_' and '.' only"
+    try:
+        return from_dict(data, source="form"), {}, ""
+    except ConfigError as exc:
+        return None, {}, str(exc).removeprefix("form: ")
+
+
+def config_values(cfg: Config) -> list:
+    d = cfg.to_dict()
+    return [to_ui(f, d[f["section"]][f["name"]]) for f in FIELDS]
+
+
+def launch_env(nproc: int, nnodes: int, addr: str, port) -> dict:
+    env = {}
+    if nproc > 1 or nnodes > 1:
+        env["NPROC_PER_NODE"] = str(nproc)
+    if nnodes > 1:
+        env.update(NNODES=str(nnodes), NODE_RANK="0", ADDR=addr or "127.0.0.1", PORT=str(int(port or 29500)))
+    return env
+
+
+def command_text(ctx: StudioContext, cfg: Config, deepspeed: str | None, env: dict) -> str:
+    config_file = ctx.work_dir / "configs" / f"{cfg.name}.yaml"
+    args = f"ftstudio train {config_file}" + (f" --deepspeed {deepspeed}" if deepspeed else "")
+    lines = [" ".join([*(f"{k}={v}" for k, v in env.items()), args])]
+    nnodes = int(env.get("NNODES", 1))
+    if nnodes > 1:
+        lines.append(f"# then on node 1..{nnodes - 1}, with the same files at the same paths:")
+        lines += [" ".join([*(f"{k}={v if k != 'NODE_RANK' else r}" for k, v in env.items()), args])
+                  for r in range(1, nnodes)]
+    return "\n".join(lines)
+
+
+def size(gib: float) -> str:
+    return f"{gib:,.2f} GiB" if gib >= 1 else f"{gib * 1024:,.1f} MiB"
+
+
+def memory_md(cfg: Config, deepspeed: str | None, world: int) -> str:
+    try:
+        est, dtype = estimate_for(cfg, deepspeed=deepspeed, world_size=world)
+    except ValueError as exc:
+        return f"Memory estimate unavailable: {exc}"
+    rows = [("weights", est.weights_gib), ("LoRA / trained params", None), ("gradients", est.gradients_gib),
+            ("optimizer states", est.optimizer_gib), ("activations", est.activations_gib)]
+    table = "| per GPU | memory |\n|---|---:|\n"
+    for label, gib in rows:
+        if gib is None:
+            table += f"| {label} | {est.trainable_params / 1e6:,.2f}M of {est.params / 1e6:,.1f}M params |\n"
+        else:
+            table += f"| {label} | {size(gib)} |\n"
+    table += f"| **total** | **{size(est.total_gib)}** |\n"
+    if est.cpu_offload_gib:
+        table += f"| offloaded to CPU memory | {size(est.cpu_offload_gib)} |\n"
+    return (f"**Memory estimate** ({cfg.training.method}, {dtype}, {world} GPU{'s' if world > 1 else ''}, "
+            f"{deepspeed or 'no ZeRO'}):\n\n{table}")
+
+
+# --- the tab ------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainTab:
+    fields: dict  # key -> component
+    launched_run: gr.Textbox  # name of the run Launch just started (watched by the Runs tab)
+    name: gr.Textbox
+    check: object  # (fn, inputs, outputs): refresh the YAML, command, memory and messages
+    check_inputs: list
+    check_outputs: list
+
+
+def _component(f: dict, ctx: StudioContext, value):
+    label, info = f["key"].split(".", 1)[1], f["help"]
+    elem_id = "cfg-" + f["key"].replace(".", "-").replace("_", "-")
+    if f["choices"] is not None:
+        return gr.Dropdown(choices=f["choices"], value=value, label=label, info=info, elem_id=elem_id)
+    if f["type"] == "bool":
+        interactive = f["key"] != "model.trust_remote_code" or ctx.allow_custom_code
+        return gr.Checkbox(value=value, label=label, info=info, elem_id=elem_id, interactive=interactive,
+                           min_width=220)
+    if f["type"] in ("int", "float"):
+        return gr.Number(value=value, label=label, info=info, minimum=f["min"], elem_id=elem_id,
+                         precision=0 if f["type"].startswith("int") else None)
+    lines = 3 if f["key"] in LINES_FIELDS else 1
+    return gr.Textbox(value=value, label=label, info=info, lines=lines, elem_id=elem_id)
+
+
+def saved_configs(ctx: StudioContext) -> list[str]:
+    root = ctx.work_dir / "configs"
+    return sorted(str(p) for p in root.glob("*.yaml")) if root.is_dir() else []
+
+
+def build(ctx: StudioContext) -> TrainTab:
+    gr.Markdown("Start from a recipe, change what you need, check the memory estimate, launch. "
+                "The run keeps going if you close the browser; follow it in **Runs**.")
+    with gr.Row():
+        recipe = gr.Dropdown(choices=list_recipes() + saved_configs(ctx), value=DEFAULT_RECIPE, label="Recipe",
+                             scale=3, elem_id="train-recipe", info="shipped recipes and configs saved here")
+        name = gr.Textbox(value=DEFAULT_RECIPE, label="Run name", scale=2, elem_id="train-name")
+        load_up = gr.UploadButton("Load config…", file_types=[".yaml", ".yml"], scale=1)
+    with gr.Row():
+        deepspeed = gr.Dropdown(choices=[NO_DEEPSPEED, *DEEPSPEED_NAMES], value=NO_DEEPSPEED, label="DeepSpeed",
+                                elem_id="train-deepspeed", info="ZeRO stage (needs several processes to shard)")
+        nproc = gr.Number(value=1, precision=0, minimum=1, label="Processes per node", elem_id="train-nproc",
+                          info="one per GPU (torchrun)")
+        nnodes = gr.Number(value=1, precision=0, minimum=1, label="Nodes", elem_id="train-nnodes")
+        addr = gr.Textbox(value="", label="Node 0 address", info="nodes > 1 only")
+        port = gr.Number(value=29500, precision=0, label="Port", info="nodes > 1 only")
+    comps: dict = {}
+    initial = dict(zip((f["key"] for f in FIELDS), config_values(load_config(DEFAULT_RECIPE))))
+    for section in SECTIONS:
+        with gr.Accordion(SECTION_TITLES.get(section, section), open=section in OPEN_SECTIONS):
+            with gr.Row():
+                for f in (f for f in FIELDS if f["section"] == section):
+                    comps[f["key"]] = _component(f, ctx, initial[f["key"]])
+    field_list = [comps[f["key"]] for f in FIELDS]
+    problems = gr.Markdown(elem_id="train-problems")
+    with gr.Row():
+        with gr.Column():
+            memory = gr.Markdown(elem_id="train-memory")
+        with gr.Column():
+            command = gr.Code(language="shell", label="Command line (Launch saves the config to that file)",
+                              elem_id="train-command", lines=2)
+    yaml_view = gr.Code(language="yaml", label="config.yaml", elem_id="train-yaml", lines=12, max_lines=30)
+    with gr.Row():
+        launch = gr.Button("Launch", variant="primary", elem_id="train-launch")
+        save = gr.Button("Save config", elem_id="train-save")
+    launch_msg = gr.Markdown(elem_id="train-launch-msg")
+    saved_file = gr.File(label="Saved config", visible=False, interactive=False)
+    launched_run = gr.Textbox(visible=False)
+
+    def check(run_name, ds_name, n_proc, n_nodes, a, p, *values):
+        """Per-field messages, the YAML, the command and the memory estimate."""
+        cfg, errors, general = form_to_config(ctx, run_name, list(values))
+        updates = [gr.update(info=(f"! {errors[f['key']]}" if f["key"] in errors else f["help"]))
+                   for f in FIELDS]
+        if cfg is None:
+            msg = general or f"! {len(errors)} field{'s' if len(errors) > 1 else ''} to fix: " + \
+                "; ".join(errors[k] for k in errors)
+            return [f"**Error:** {msg}", gr.skip(), gr.skip(), gr.skip(), *updates]
+        ds = None if ds_name == NO_DEEPSPEED else ds_name
+        env = launch_env(int(n_proc or 1), int(n_nodes or 1), a, p)
+        world = int(n_proc or 1) * int(n_nodes or 1)
+        return ["OK: config is valid", cfg.to_yaml(), command_text(ctx, cfg, ds, env), memory_md(cfg, ds, world),
+                *updates]
+
+    check_inputs = [name, deepspeed, nproc, nnodes, addr, port, *field_list]
+    check_outputs = [problems, yaml_view, command, memory, *field_list]
+
+    def on_recipe(choice):
+        try:
+            cfg = load_config(choice)
+        except (ConfigError, OSError) as exc:
+            return [f"**Error:** {exc}", gr.skip(), *[gr.skip()] * len(FIELDS)]
+        return ["", cfg.name, *config_values(cfg)]
+
+    def on_upload(file):
+        path = ctx.save_upload(file if isinstance(file, str) else file.name)
+        return on_recipe(path)
+
+    recipe.input(on_recipe, recipe, [problems, name, *field_list]).then(check, check_inputs, check_outputs)
+    load_up.upload(on_upload, load_up, [problems, name, *field_list]).then(check, check_inputs, check_outputs)
+    gr.on([c.input for c in [name, deepspeed, nproc, nnodes, addr, port, *field_list]], check, check_inputs,
+          check_outputs, trigger_mode="always_last", show_progress="hidden")
+
+    def save_config(run_name, *values):
+        cfg, errors, general = form_to_config(ctx, run_name, list(values))
+        if cfg is None:
+            return f"**Error:** not saved: {general or '; '.join(errors.values())}", gr.skip(), gr.skip()
+        path = _write_config(ctx, cfg)
+        return (f"Saved {path}", gr.update(value=str(path), visible=True),
+                gr.update(choices=list_recipes() + saved_configs(ctx)))
+
+    save.click(save_config, [name, *field_list], [launch_msg, saved_file, recipe], api_name="train_save")
+
+    def do_launch(run_name, ds_name, n_proc, n_nodes, a, p, *values):
+        cfg, errors, general = form_to_config(ctx, run_name, list(values))
+        if cfg is None:
+            return f"**Error:** not launched: {general or '; '.join(errors.values())}", ""
+        busy = active_runs(ctx.work_dir)
+        if busy:
+            return (f"**Error:** not launched: run **{busy[0]['name']}** is {busy[0]['state']} on this machine's GPUs. "
+                    "One run at a time: wait for it to finish or abort it in Runs, then launch again."), ""
+        ds = None if ds_name == NO_DEEPSPEED else ds_name
+        env = launch_env(int(n_proc or 1), int(n_nodes or 1), a, p)
+        _write_config(ctx, cfg)
+        run_dir = ctx.work_dir / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        ctx.reap()
+        ctx.children.append(start_detached(cfg, run_dir, deepspeed=ds, env=env))
+        return f"started **{run_dir.name}**: checking the model and the data…", run_dir.name
+
+    def wait_start(run_name, timeout: float = 300):
+        """Follow the new run until its preflight passes or fails, then say so."""
+        if not run_name:
+            return gr.skip()
+        run_dir = ctx.work_dir / run_name
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            st = effective_status(run_dir)
+            if st.get("state") != "queued":
+                break
+            time.sleep(0.5)
+        st = effective_status(run_dir)
+        if st.get("state") == "failed":
+            return f"**Error:** **{run_name}** failed before training: {st.get('error')}"
+        return f"OK: **{run_name}** is {st.get('state')}: see **Runs** for the live curves."
+
+    launched = launch.click(do_launch, check_inputs, [launch_msg, launched_run], api_name="train_launch",
+                            concurrency_id="launch", concurrency_limit=1)
+    launched.then(wait_start, launched_run, launch_msg)
+    return TrainTab(comps, launched_run, name, check, check_inputs, check_outputs)
+
+
+def _write_config(ctx: StudioContext, cfg: Config) -> Path:
+    root = ctx.work_dir / "configs"
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / f"{cfg.name}.yaml"
+    tmp = root / f".{cfg.name}.yaml.part"
+    tmp.write_text(cfg.to_yaml(), encoding="utf-8")
+    os.replace(tmp, path)
+    return path
