@@ -126,7 +126,7 @@ def build(ctx: StudioContext) -> DatasetTab:
         except USER_ERRORS as exc:
             convs, err = None, error_md(exc)
         return (pd.DataFrame(rows, columns=headers), pg, page_text(ds, pg, pages),
-                gr.update(value=name), why, convs, err)
+                name, why, convs, err)
 
     def on_map(src, sub, spl, pg, fn):
         try:

@@ -30,8 +30,8 @@ def build(ctx: StudioContext):
                 "otherwise), then merge an adapter into its base. Merging checks that the merged model gives "
                 "the same logits as base + adapter before it writes anything.")
     with gr.Row():
-        run = gr.Dropdown(choices=runs_with_checkpoints(ctx), label="Run", scale=3, elem_id="export-run")
-        ckpt = gr.Dropdown(choices=[], label="Checkpoint", scale=2, elem_id="export-ckpt")
+        run = gr.Dropdown(choices=runs_with_checkpoints(ctx), label="Run", allow_custom_value=True, scale=3, elem_id="export-run")
+        ckpt = gr.Dropdown(choices=[], label="Checkpoint", allow_custom_value=True, scale=2, elem_id="export-ckpt")
         refresh = gr.Button("↻", scale=0, elem_id="export-refresh")
     with gr.Row():
         hf_out = gr.Textbox(label="Convert to", scale=4, elem_id="export-hf-out",

@@ -115,7 +115,7 @@ def build(ctx: StudioContext) -> RunsTab:
     table = gr.Dataframe(headers=TABLE_HEADERS, interactive=False, label="Runs", elem_id="runs-table",
                          max_height=260)
     with gr.Row():
-        selected = gr.Dropdown(choices=[], value=[], multiselect=True, label="Show", scale=4, elem_id="runs-selected")
+        selected = gr.Dropdown(choices=[], value=[], multiselect=True, label="Show", allow_custom_value=True, scale=4, elem_id="runs-selected")
         abort_btn = gr.Button("Abort", variant="stop", scale=0, elem_id="runs-abort")
         resume_btn = gr.Button("Resume", scale=0, elem_id="runs-resume")
     action_msg = gr.Markdown(elem_id="runs-action")
