@@ -40,6 +40,12 @@ def metrics(run_dir: Path) -> list[dict]:
     return tail(run_dir / "metrics.jsonl").read()[0]
 
 
+def speed(rows: list[dict]) -> float | None:
+    """Tokens/s over the recent steps (one step's figure jumps around)."""
+    recent = sorted(r["tokens_per_s"] for r in rows[-20:] if r.get("tokens_per_s"))
+    return recent[len(recent) // 2] if recent else None
+
+
 def _short_time(stamp: str | None) -> str:
     return (stamp or "")[:19].replace("T", " ")
 
@@ -54,7 +60,7 @@ def runs_table(ctx: StudioContext) -> tuple[list[dict], pd.DataFrame]:
                      _short_time(r.get("started")), _short_time(r.get("ended")),
                      f"{last.get('step', '')}/{last.get('max_steps', '')}" if last else "",
                      f"{last['loss']:.4f}" if last.get("loss") is not None else "",
-                     f"{last['tokens_per_s']:,.0f}" if last.get("tokens_per_s") else ""])
+                     f"{speed(m):,.0f}" if speed(m) else ""])
     return runs, pd.DataFrame(rows, columns=TABLE_HEADERS)
 
 
@@ -79,8 +85,8 @@ def summary_md(ctx: StudioContext, name: str) -> str:
     if m:
         last = m[-1]
         parts.append(f"step {last['step']}/{last.get('max_steps', '?')}")
-        if last.get("tokens_per_s"):
-            parts.append(f"{last['tokens_per_s']:,.0f} tokens/s")
+        if speed(m):
+            parts.append(f"{speed(m):,.0f} tokens/s")
         if last.get("elapsed_s") is not None:
             parts.append(f"{last['elapsed_s']:,.0f} s elapsed")
             if st.get("state") == "running" and last.get("max_steps") and last["step"]:

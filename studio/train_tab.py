@@ -174,7 +174,7 @@ def _component(f: dict, ctx: StudioContext, value):
         return gr.Checkbox(value=value, label=label, info=info, elem_id=elem_id, interactive=interactive,
                            min_width=220)
     if f["type"] in ("int", "float"):
-        return gr.Number(value=value, label=label, info=info, minimum=f["min"], elem_id=elem_id,
+        return gr.Number(value=value, label=label, info=info, elem_id=elem_id,  # range checked by the config
                          precision=0 if f["type"].startswith("int") else None)
     lines = 3 if f["key"] in LINES_FIELDS else 1
     return gr.Textbox(value=value, label=label, info=info, lines=lines, elem_id=elem_id)

@@ -43,16 +43,18 @@ def test_walk_through_the_demo(tmp_path, tiny_model):
                                     env={**os.environ, "HOME": str(tmp_path)})
         page = browser.new_page(viewport={"width": 1440, "height": 1000})
         page.set_default_timeout(60_000)
+        expect.set_options(timeout=60_000)
         page.goto(url)
 
         # Dataset: rows in the table, the detected map_fn, trained tokens highlighted, the histogram
         expect(page.locator("#ds-rows")).to_contain_text("What is Finetune Studio?")
         expect(page.locator("#ds-mapfn input")).to_have_value("openai")
         expect(page.locator("#ds-conversations")).to_contain_text("What can I do with Finetune Studio?")
-        trained = page.locator("#ds-sample .textspan.hl")  # the spans HighlightedText colours
+        trained = page.locator("#ds-sample .token.highlighted")  # the spans HighlightedText colours
         expect(trained.first).to_contain_text(ANSWER)
+        expect(page.locator("#ds-sample .token:not(.highlighted)").first).to_contain_text("<|im_start|>")
         expect(page.locator("#ds-stats")).to_contain_text("50 samples kept")
-        expect(page.locator("#ds-hist canvas, #ds-hist svg").first).to_be_visible()
+        expect(page.locator("#ds-hist svg g.mark-rect path").first).to_be_attached()  # histogram bars
         page.screenshot(path=shots / "dataset.png", full_page=True)
 
         # Train: the tiny recipe's form, the YAML, the command and the memory estimate; Launch
@@ -75,7 +77,8 @@ def test_walk_through_the_demo(tmp_path, tiny_model):
         expect(page.locator("#runs-table")).to_contain_text("tiny_demo-")
         run_name = re.search(r"tiny_demo-\d{8}-\d{6}", page.locator("#runs-table").inner_text()).group(0)
         expect(page.locator("#runs-summary")).to_contain_text("tokens/s", timeout=120_000)
-        expect(page.locator("#runs-loss canvas, #runs-loss svg").first).to_be_visible()
+        loss_line = page.locator("#runs-loss svg g.mark-line path").first  # the drawn curve
+        expect(loss_line).to_have_attribute("d", re.compile(r"(L[^L]+){10,}"))  # 10+ points joined
         expect(page.locator("#runs-log textarea")).to_have_value(re.compile(r"step \d+/600"))
         assert wait_for(lambda: effective_status(work / run_name).get("state") in ("finished", "failed"),
                         timeout=600)
