@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 
+from backend.runs import abort, effective_status  # noqa: E402
 from studio_utils import running_studio, wait_for  # noqa: E402
 from studio.runs_tab import POLL_S  # noqa: E402
 
@@ -102,8 +103,9 @@ def main() -> int:
         cpu1, t1 = cpu_seconds(studio.pid), time.time()
         stop.set()
         watcher.join()
-        # the same page left open on a finished run: what an idle, followed studio costs
         browser.close()
+        abort(run_dir)  # runs outlive the studio by design: stop this one
+        wait_for(lambda: effective_status(run_dir).get("state") != "running", timeout=120)
 
     lat = [curve_times[k] - file_times[k - 1] for k in sorted(curve_times)
            if k - 1 < len(file_times) and k > 5]  # skip the first points: drawn as the page caught up
