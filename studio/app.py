@@ -8,7 +8,6 @@ and the server that serves them.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -143,7 +142,6 @@ def main(argv=None) -> int:
     app = build_app(ctx)
     app.queue(default_concurrency_limit=1)
     calm_queue(app)
-    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     app.launch(server_name=args.host, server_port=args.port, share=args.share, auth=auth,
                auth_message="Finetune Studio: log in" if auth else None, theme=gr.themes.Soft(), css=CSS,
                allowed_paths=[str(ctx.work_dir / "configs")], max_file_size="2gb", footer_links=["api"],

@@ -136,9 +136,10 @@ def build(ctx: StudioContext):
             template_name = None if tpl == RECORDED else tpl
             tuned = ctx.models.get(llm, adapter, template=template_name)
             tuned = dataclasses.replace(tuned, system=sys_text or "")
-            base = None
+            base, base_name = None, None
             if both:
-                base = ctx.models.get(base_of(folder), None, template=tuned.template)
+                base_name = base_of(folder)
+                base = ctx.models.get(base_name, None, template=tuned.template)
                 base = dataclasses.replace(base, system=sys_text or "")
         except (ExportError, StudioError, ValueError, OSError, KeyError) as exc:
             yield gr.skip(), gr.skip(), "", f"**Error:** {exc}"
@@ -149,7 +150,7 @@ def build(ctx: StudioContext):
         streams = [(hist_t, stream_reply(tuned, turns_of(hist_t[:-2]), msg, settings))]
         if base is not None:
             streams.append((hist_b, stream_reply(base, turns_of(hist_b[:-2]), msg, settings)))
-            note += f" · base {base_of(folder)}"
+            note += f" · base {base_name}"
         yield hist_t, hist_b if base is not None else gr.skip(), "", note
         live = list(streams)
         while live:  # round robin: both answers grow together

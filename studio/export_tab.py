@@ -15,6 +15,10 @@ from .context import StudioContext, StudioError
 GPU = "gpu"  # concurrency group of the handlers that load models
 
 
+def _quiet(*_):
+    """The backend's progress lines: the tab reports the outcome instead."""
+
+
 def runs_with_checkpoints(ctx: StudioContext) -> list[str]:
     return [r["name"] for r in list_runs(ctx.work_dir) if iter_files(r["run_dir"])]
 
@@ -62,11 +66,10 @@ def build(ctx: StudioContext):
     def do_convert(name, pth, out, progress=gr.Progress()):
         if not name or not pth:
             return "Pick a run and a checkpoint.", gr.skip()
-        lines = []
         try:
             out = ctx.check_output(out, "output folder")
             progress(0.2, desc="converting")
-            pth_to_hf(ctx.work_dir / name / pth, out, log=lines.append)
+            pth_to_hf(ctx.work_dir / name / pth, out, log=_quiet)
             meta = read_meta(out)
         except (ExportError, StudioError, ValueError, OSError, KeyError) as exc:
             return f"**Error:** {exc}", gr.skip()
@@ -77,7 +80,6 @@ def build(ctx: StudioContext):
                 f"{meta['template']})."), meta.get("base_model", "")
 
     def do_merge(adapter, base_name, out, progress=gr.Progress()):
-        lines = []
         try:
             adapter = ctx.check_path(adapter, "adapter", must_exist=True)
             out = ctx.check_output(out, "output folder")
@@ -85,7 +87,7 @@ def build(ctx: StudioContext):
             if not base_name:
                 raise StudioError("give the base model the adapter was trained on")
             progress(0.2, desc="loading base + adapter, checking parity")
-            record = merge(base_name, adapter, out, log=lines.append)
+            record = merge(base_name, adapter, out, log=_quiet)
         except (ExportError, StudioError, ValueError, OSError) as exc:
             return f"**Error:** {exc}"
         return (f"OK: Merged into `{out}`.  \nParity: max |logit difference| merged vs base + adapter = "

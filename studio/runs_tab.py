@@ -18,7 +18,9 @@ import pandas as pd
 
 from backend.config import load_config
 from backend.launch import start_detached
-from backend.runs import JsonlTail, abort, active_runs, effective_status, list_runs, tail_text
+from backend.runs import (
+    JsonlTail, abort, active_runs, effective_status, latest_checkpoint, list_runs, tail_text,
+)
 
 from .context import StudioContext
 
@@ -205,7 +207,7 @@ def build(ctx: StudioContext) -> RunsTab:
         busy = active_runs(ctx.work_dir)
         if busy:
             return f"**Error:** run **{busy[0]['name']}** is {busy[0]['state']}; one run at a time."
-        if not list((run_dir / "checkpoints").glob("checkpoint-*/COMPLETE")):
+        if latest_checkpoint(run_dir) is None:
             return f"**Error:** **{name}** has no complete checkpoint to resume from (it stopped before the first save)."
         world = int(st.get("world_size") or 1)
         env = {"NPROC_PER_NODE": str(world)} if world > 1 else {}

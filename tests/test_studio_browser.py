@@ -11,8 +11,6 @@ import re
 import shutil
 from pathlib import Path
 
-import pytest
-
 from backend.runs import effective_status
 
 from studio_utils import running_studio, wait_for
@@ -21,9 +19,6 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 ANSWER = "Finetune Studio is a browser studio"
-
-pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM),
-                                reason="Debian chromium is not installed (ci/system-deps.sh installs it)")
 
 
 def pick(page, elem_id: str, option: str):
