@@ -10,8 +10,10 @@ start of a stop word is held back, so a stop word never leaks into the reply.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Iterator
+
+from .core.artifacts import ArtifactError, has_tokenizer, is_adapter, read_meta
+from .core.guard import Guard
 
 
 @dataclass
@@ -23,6 +25,20 @@ class GenerationSettings:
     repetition_penalty: float = 1.0
     seed: int | None = None
     min_new_tokens: int = 0
+
+    def checked(self) -> "GenerationSettings":
+        """Raise ValueError naming the first setting out of range."""
+        import math
+
+        rules = [("max_new_tokens", 1 <= self.max_new_tokens <= 1 << 20, "at least 1"),
+                 ("temperature", math.isfinite(self.temperature) and self.temperature >= 0, "a number >= 0"),
+                 ("top_p", 0 < self.top_p <= 1, "in (0, 1]"), ("top_k", self.top_k >= 0, "at least 0"),
+                 ("repetition_penalty", math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0,
+                  "a number > 0"), ("min_new_tokens", self.min_new_tokens >= 0, "at least 0")]
+        for name, ok, wanted in rules:
+            if not ok:
+                raise ValueError(f"{name} is {getattr(self, name)}; it must be {wanted}")
+        return self
 
     def kwargs(self) -> dict:
         sample = self.temperature > 0
@@ -46,38 +62,31 @@ class ChatModel:
 
 
 def load_chat_model(llm: str, adapter: str | None = None, template: str | None = None, system: str | None = None,
-                    bits: int | None = None, device: str = "auto") -> ChatModel:
+                    bits: int | None = None, device: str = "auto", trust_remote_code: bool = False,
+                    guard: Guard | None = None) -> ChatModel:
     """Base model (+ adapter), with template and system defaulting to what the
-    adapter (or a converted/merged model) recorded in ftstudio.json."""
+    adapter (or a converted/merged model) recorded in its artifact record. The
+    base an adapter names passes ``guard`` like a typed one; ``trust_remote_code``
+    is the operator's permission, never the record's."""
     import torch
-    from transformers import AutoModelForCausalLM
 
     from .data import get_template, load_tokenizer, stop_words
-    from .export import ExportError, check_llm, read_meta
+    from .export import base_location, load_causal_lm
 
-    llm_path = check_llm(llm)
-    if adapter is not None and not (Path(adapter) / "adapter_config.json").exists():
-        raise ExportError(f"adapter {adapter}: no adapter_config.json there (convert an iter_<N>.pth with "
-                          "`ftstudio convert pth_to_hf` first)")
+    guard = guard or Guard.cli()
+    llm_path = base_location(llm, guard, "model")
+    if adapter is not None and not is_adapter(adapter):
+        raise ArtifactError(f"adapter {adapter}: not an adapter folder (convert an iter_<N>.pth with "
+                            "`ftstudio convert pth_to_hf` first)")
     meta = read_meta(adapter) if adapter else read_meta(llm_path)
     template_name = template or meta.get("template")
     if template_name is None:
-        raise ExportError(f"no prompt template recorded with {adapter or llm}; give --prompt-template "
-                          "(ftstudio list-template)")
+        raise ArtifactError(f"no prompt template recorded with {adapter or llm}; give --prompt-template "
+                            "(ftstudio list-template)")
     tpl = get_template(template_name)  # raises, listing the known names, if unknown
-    kwargs = {}
-    if bits:
-        try:
-            import bitsandbytes  # noqa: F401
-            from transformers import BitsAndBytesConfig
-        except Exception as exc:
-            raise ExportError(f"--bits {bits} needs bitsandbytes ({exc}); pip install bitsandbytes") from None
-        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=bits == 4, load_in_8bit=bits == 8,
-                                                           bnb_4bit_quant_type="nf4")
     dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-    if bits:
-        kwargs["device_map"] = {"": 0 if dev == "cuda" else "cpu"}
-    model = AutoModelForCausalLM.from_pretrained(llm_path, dtype="auto", **kwargs)
+    model = load_causal_lm(llm_path, trust_remote_code=trust_remote_code, what="model", dtype="auto",
+                           **_quantized(bits, dev))
     if not bits:
         model = model.to(dev)
     if adapter:
@@ -85,31 +94,26 @@ def load_chat_model(llm: str, adapter: str | None = None, template: str | None =
 
         try:
             model = PeftModel.from_pretrained(model, adapter)
-        except (RuntimeError, ValueError, KeyError) as exc:
-            raise ExportError(f"adapter {adapter} does not fit {llm}: {str(exc).splitlines()[0][:300]}") from None
+        except (RuntimeError, ValueError, KeyError, OSError) as exc:
+            raise ArtifactError(f"adapter {adapter} does not fit {llm}: {str(exc).splitlines()[0][:300]}") from None
     model.eval()
-    tok_source = adapter if adapter and (Path(adapter) / "tokenizer_config.json").exists() else llm_path
-    tokenizer = load_tokenizer(str(tok_source))
+    tok_source = adapter if adapter and has_tokenizer(adapter) else llm_path
+    tokenizer = load_tokenizer(str(tok_source), trust_remote_code=trust_remote_code)
     return ChatModel(model, tokenizer, tpl.name, meta.get("system", "") if system is None else system,
                      stop_words(tokenizer, tpl), meta)
 
 
-def chat_source(path: str) -> tuple[str, str | None]:
-    """What to load for a model folder: ``(llm, adapter)``. An adapter folder
-    chats on the base it recorded; a model folder, 'demo' or a Hub id on itself."""
-    from .export import ExportError, read_meta
-
-    folder = Path(path)
-    if (folder / "adapter_config.json").exists():
-        base = read_meta(folder).get("base_model")
-        if not base:
-            import json
-
-            base = json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path")
-        if not base:
-            raise ExportError(f"adapter {path}: it does not say which base model it belongs to")
-        return base, str(folder)
-    return path, None
+def _quantized(bits: int | None, dev: str) -> dict:
+    if not bits:
+        return {}
+    try:
+        import bitsandbytes  # noqa: F401
+        from transformers import BitsAndBytesConfig
+    except Exception as exc:  # noqa: BLE001 - ImportError or a broken native library
+        raise ArtifactError(f"--bits {bits} needs bitsandbytes ({exc}); pip install bitsandbytes") from None
+    return {"quantization_config": BitsAndBytesConfig(load_in_4bit=bits == 4, load_in_8bit=bits == 8,
+                                                      bnb_4bit_quant_type="nf4"),
+            "device_map": {"": 0 if dev == "cuda" else "cpu"}}
 
 
 class ModelCache:
@@ -120,14 +124,16 @@ class ModelCache:
         self.size = size
         self._models: dict[tuple, ChatModel] = {}
 
-    def get(self, llm: str, adapter: str | None = None, template: str | None = None, bits: int | None = None):
-        key = (llm, adapter, template, bits)
+    def get(self, llm: str, adapter: str | None = None, template: str | None = None, bits: int | None = None,
+            *, guard: Guard | None = None, trust_remote_code: bool = False):
+        key = (llm, adapter, template, bits, trust_remote_code)
         if key in self._models:
             self._models[key] = self._models.pop(key)  # most recently used last
         else:
             while len(self._models) >= self.size:
                 self._models.pop(next(iter(self._models)))
-            self._models[key] = load_chat_model(llm, adapter, template=template, bits=bits)
+            self._models[key] = load_chat_model(llm, adapter, template=template, bits=bits, guard=guard,
+                                                trust_remote_code=trust_remote_code)
         return self._models[key]
 
 

@@ -9,9 +9,37 @@ import os
 import sys
 
 from .config import ConfigError
+from .core.artifacts import ArtifactError
+from .core.atomic import OutputError
+from .core.guard import GuardError
+from .core.rundir import RunFolderError
 from .data.errors import DataError
-from .export import ExportError
 from .launch import DEEPSPEED_NAMES, LaunchError
+
+# every mistake a user can make becomes one line and exit code 2 (a failed run: 1)
+USER_ERRORS = (DataError, ConfigError, LaunchError, ArtifactError, GuardError, RunFolderError, OutputError)
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text} must be a finite number of at least 0")
+    return value
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
@@ -20,13 +48,13 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--template", default="qwen_chat", help="prompt template (ftstudio list-template)")
     p.add_argument("--tokenizer", required=True,
                    help="tokenizer folder or Hub id; 'demo' builds the bundled demo tokenizer")
-    p.add_argument("--max-length", type=int, default=2048, help="cut samples at this many tokens")
+    p.add_argument("--max-length", type=positive_int, default=2048, help="cut samples at this many tokens")
     p.add_argument("--split", default="train", help="dataset split (default: train)")
     p.add_argument("--name", default=None, help="dataset configuration name (Hub datasets)")
     p.add_argument("--data-files", nargs="+", default=None, help="data_files for load_dataset")
     p.add_argument("--pack", action="store_true", help="also pack samples into max_length blocks")
-    p.add_argument("--num-proc", type=int, default=None, help="processes for the batched map")
-    p.add_argument("--max-rows", type=int, default=None, help="only the first N rows")
+    p.add_argument("--num-proc", type=positive_int, default=None, help="processes for the batched map")
+    p.add_argument("--max-rows", type=positive_int, default=None, help="only the first N rows")
 
 
 def resolve_tokenizer(spec: str):
@@ -132,25 +160,35 @@ def cmd_list_cfg(args) -> int:
 
 
 def cmd_copy_cfg(args) -> int:
-    import shutil
     from pathlib import Path
 
     from .config import recipe_path
+    from .core.atomic import write_new_file
 
     src = recipe_path(args.name)
     dest_dir = Path(args.dest)
     dest_dir.mkdir(parents=True, exist_ok=True)
-    dest = dest_dir / f"{args.name}_copy.yaml"
-    shutil.copyfile(src, dest)
+    dest = write_new_file(dest_dir / f"{args.name}_copy.yaml", src.read_text(encoding="utf-8"),
+                          overwrite=args.overwrite)
     print(f"copied {args.name} to {dest}")
     return 0
 
 
+class _AbortedBeforeStart(Exception):
+    """SIGTERM/SIGINT while the launcher still checks the config and data."""
+
+
+def _abort_before_start(signum, frame):
+    raise _AbortedBeforeStart(signum)
+
+
 def cmd_train(args) -> int:
+    import signal
     from pathlib import Path
 
     from .config import load_config
-    from .launch import LaunchSpec, find_resume, preflight, resolve_deepspeed, run
+    from .core.rundir import RunDir
+    from .launch import ABORTED_EXIT, QUEUED_ENV, LaunchSpec, find_resume, preflight, resolve_deepspeed, resume_shape, run
 
     spec = LaunchSpec.from_env(launcher=args.launcher)
     deepspeed = resolve_deepspeed(args.deepspeed)
@@ -159,15 +197,27 @@ def cmd_train(args) -> int:
     if args.resume is not None:
         # the config's name is only needed to find "the newest run of this config"
         cfg_name = load_config(args.config, args.overrides).name if args.resume is True and run_dir is None else ""
-        run_dir, resume_ckpt = find_resume(args.resume, run_dir, cfg_name)
-        cfg = load_config(run_dir / "config.yaml")
+        rd, resume_ckpt = find_resume(args.resume, run_dir, cfg_name)
+        run_dir = rd.path
+        cfg = load_config(rd.config_file)
+        spec, deepspeed = resume_shape(rd, spec, deepspeed)
         if args.overrides:
             print("ftstudio train: note: --resume uses the run's own config.yaml; overrides are ignored",
                   file=sys.stderr)
     else:
         cfg = load_config(args.config, args.overrides)
     owner = spec.node_rank == 0 and os.environ.get("SLURM_PROCID", "0") == "0"
-    report = preflight(cfg, spec, deepspeed, build_data=owner)
+    old = {s: signal.signal(s, _abort_before_start) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        report = preflight(cfg, spec, deepspeed, build_data=owner)
+    except _AbortedBeforeStart:
+        if os.environ.get(QUEUED_ENV) and run_dir is not None:
+            RunDir(run_dir).end("aborted", ABORTED_EXIT, None)
+        print("ftstudio train: aborted before training began", file=sys.stderr)
+        return ABORTED_EXIT
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
     if report is not None:
         print(f"data: {report.rows} rows, {report.kept} samples ({report.dropped} dropped, "
               f"{report.truncated} truncated), map_fn {report.map_fn}, template {report.template}")
@@ -200,19 +250,18 @@ def cmd_runs(args) -> int:
     from .runs import list_runs
 
     for r in list_runs(args.work_dir):
-        print(f"{r.get('state', '?'):<9} {r.get('started', ''):<25} {r['run_dir']}"
+        where = f"  on {r['remote']}" if r.get("remote") else ""
+        print(f"{r.get('state', '?'):<9} {r.get('started', ''):<25} {r['run_dir']}{where}"
               + (f"  error: {r['error']}" if r.get("error") else ""))
     return 0
 
 
 def cmd_abort(args) -> int:
-    from .runs import abort
+    from .runs import abort, run_folder
 
-    if abort(args.run_dir):
-        print(f"asked {args.run_dir} to stop; it ends at the next step as aborted")
-        return 0
-    print(f"ftstudio abort: {args.run_dir} is not running", file=sys.stderr)
-    return 1
+    asked, said = abort(run_folder(args.run_dir), by="ftstudio abort")
+    print(said if asked else f"ftstudio abort: {said}", file=sys.stdout if asked else sys.stderr)
+    return 0 if asked else 1
 
 
 def cmd_convert(args) -> int:
@@ -227,11 +276,11 @@ def cmd_convert(args) -> int:
         else:
             print("ftstudio convert pth_to_hf: give [CONFIG] PTH SAVE_PATH", file=sys.stderr)
             return 2
-        pth_to_hf(pth, save, config=config, safe_serialization=args.safe_serialization,
-                  max_shard_size=args.max_shard_size)
+        pth_to_hf(pth, save, config=config, overwrite=args.overwrite, trust_remote_code=args.trust_remote_code,
+                  safe_serialization=args.safe_serialization, max_shard_size=args.max_shard_size)
         return 0
-    merge(args.llm, args.adapter, args.save_path, max_shard_size=args.max_shard_size,
-          safe_serialization=args.safe_serialization, device=args.device)
+    merge(args.llm, args.adapter, args.save_path, overwrite=args.overwrite, trust_remote_code=args.trust_remote_code,
+          max_shard_size=args.max_shard_size, safe_serialization=args.safe_serialization, device=args.device)
     return 0
 
 
@@ -247,7 +296,7 @@ def cmd_chat(args) -> int:
             return 2
         system = getattr(SYSTEM_TEMPLATE, args.system_template)
     chat = load_chat_model(args.llm, adapter=args.adapter, template=args.prompt_template, system=system,
-                           bits=args.bits, device=args.device)
+                           bits=args.bits, device=args.device, trust_remote_code=args.trust_remote_code)
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                   top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
                                   seed=args.seed)
@@ -284,6 +333,15 @@ def cmd_chat(args) -> int:
     return 0
 
 
+TRUST_HELP = "let the model's own code (from its folder or the Hub) run: only for models you trust"
+
+
+def _add_output_args(q: argparse.ArgumentParser) -> None:
+    q.add_argument("--overwrite", action="store_true",
+                   help="replace our own earlier output of the same kind there (anything else is never deleted)")
+    q.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ftstudio",
@@ -311,6 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("copy-cfg", help="copy a recipe to a folder to edit it")
     p.add_argument("name")
     p.add_argument("dest")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier copy")
     p.set_defaults(func=cmd_copy_cfg)
 
     p = sub.add_parser(
@@ -333,12 +392,14 @@ def build_parser() -> argparse.ArgumentParser:
     conv = p.add_subparsers(dest="convert_command", metavar="pth_to_hf|merge", required=True)
     q = conv.add_parser("pth_to_hf", help="iter_<N>.pth -> Hugging Face adapter (LoRA) or model (full)")
     q.add_argument("paths", nargs="+", metavar="[CONFIG] PTH SAVE_PATH")
+    _add_output_args(q)
     q.add_argument("--safe-serialization", action=argparse.BooleanOptionalAction, default=True)
     q.add_argument("--max-shard-size", default="2GB")
     q = conv.add_parser("merge", help="merge an adapter into its base model (checks logits parity)")
     q.add_argument("llm")
     q.add_argument("adapter")
     q.add_argument("save_path")
+    _add_output_args(q)
     q.add_argument("--max-shard-size", default="2GB")
     q.add_argument("--safe-serialization", action=argparse.BooleanOptionalAction, default=True)
     q.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu")
@@ -352,11 +413,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--system", default=None, help="system text (default: what the adapter recorded)")
     g.add_argument("--system-template", default=None, help="a named system text, e.g. alpaca, coder, medical")
     p.add_argument("--bits", type=int, choices=[4, 8], default=None, help="load the model quantized (bitsandbytes)")
-    p.add_argument("--temperature", type=float, default=0.1)
+    p.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
+    p.add_argument("--temperature", type=non_negative_float, default=0.1)
     p.add_argument("--top-k", type=int, default=40)
-    p.add_argument("--top-p", type=float, default=0.75)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--top-p", type=non_negative_float, default=0.75)
+    p.add_argument("--repetition-penalty", type=non_negative_float, default=1.0)
+    p.add_argument("--max-new-tokens", type=positive_int, default=512)
     p.add_argument("--no-streamer", action="store_true", help="print each reply whole")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", choices=["cpu", "cuda", "auto"], default="auto")
@@ -365,7 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("estimate-memory", help="memory per GPU for a config, before launching it")
     p.add_argument("config", help="recipe name or .yaml config")
     p.add_argument("overrides", nargs="*", metavar="key=value")
-    p.add_argument("--world-size", type=int, default=1, help="data-parallel ranks")
+    p.add_argument("--world-size", type=positive_int, default=1, help="data-parallel ranks")
     p.add_argument("--deepspeed", choices=DEEPSPEED_NAMES, default=None)
     p.set_defaults(func=cmd_estimate_memory)
 
@@ -386,11 +448,25 @@ def main(argv=None) -> int:
         return 2
     try:
         return args.func(args)
-    except (DataError, ConfigError, LaunchError, ExportError, FileExistsError, PermissionError) as exc:
+    except USER_ERRORS as exc:
         print(f"ftstudio {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # the file system said no: read-only, full, missing, not allowed
+        print(f"ftstudio {args.command}: error: {os_error_text(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+
+
+def os_error_text(exc: OSError) -> str:
+    """One line for a file-system refusal, naming the path."""
+    import errno
+
+    if exc.errno == errno.ENOSPC:
+        return f"no space left on device at {exc.filename or 'the output folder'}"
+    if exc.strerror and exc.filename:
+        return f"{exc.filename}: {exc.strerror.lower()}"
+    return " ".join(str(exc).split())[:400] or type(exc).__name__
 
 
 if __name__ == "__main__":

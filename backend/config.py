@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -150,6 +151,8 @@ def _check_type(where: str, value, hint, meta):
         base = get_origin(t) or t
         if base is float and isinstance(value, (int, float)) and not isinstance(value, bool):
             value = float(value)
+            if not math.isfinite(value):
+                raise ConfigError(f"{where} is {value}; give a finite number")
             break
         if base is int and isinstance(value, int) and not isinstance(value, bool):
             break
@@ -247,8 +250,15 @@ def validate(cfg: Config) -> None:
             f"data.template is {cfg.data.template!r}"
             f"{' (did you mean ' + ', '.join(close) + '?)' if close else ''}; allowed: {', '.join(sorted(TEMPLATES))}"
         )
-    if len(cfg.training.betas) != 2 or not all(isinstance(b, (int, float)) for b in cfg.training.betas):
-        raise ConfigError(f"training.betas should be two numbers, got {cfg.training.betas!r}")
+    betas = cfg.training.betas
+    if len(betas) != 2 or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and math.isfinite(b)
+                                  and 0 <= b < 1 for b in betas):
+        raise ConfigError(f"training.betas should be two numbers in [0, 1), got {betas!r}")
+    if not 0 <= cfg.training.warmup_ratio < 1:
+        raise ConfigError(f"training.warmup_ratio is {cfg.training.warmup_ratio}; it is a fraction of the steps, "
+                          "at least 0 and below 1 (e.g. 0.03)")
+    if not 0 <= cfg.lora.dropout < 1:
+        raise ConfigError(f"lora.dropout is {cfg.lora.dropout}; it must be at least 0 and below 1")
     if cfg.training.epochs <= 0 and cfg.training.max_steps <= 0:
         raise ConfigError("training.epochs is 0 and training.max_steps is not set: nothing to train")
     if isinstance(cfg.lora.target_modules, str) and cfg.lora.target_modules != "all-linear":
@@ -315,3 +325,31 @@ def schema() -> list[dict]:
                 "min": f.metadata.get("min"),
             })
     return out
+
+
+# --- the guard's view of a config --------------------------------------------------------
+
+# the fields that name something on disk / on the Hub, or permit code, and how the guard checks each
+GUARDED_FIELDS = {
+    "model.name_or_path": lambda g, v: g.model(v, "model.name_or_path"),
+    "model.tokenizer": lambda g, v: g.model(v, "model.tokenizer"),
+    "model.trust_remote_code": lambda g, v: g.trust_remote_code(v, "model.trust_remote_code"),
+    "data.path": lambda g, v: g.readable(v, "data.path"),
+    "data.data_files": lambda g, v: g.data_files(v),
+    "data.map_fn": lambda g, v: g.map_fn(v),
+}
+
+
+def guard_field(guard, key: str, value):
+    """``value`` of field ``key`` as the guard lets it through (paths resolved);
+    raises GuardError. Fields that name nothing pass unchanged."""
+    check = GUARDED_FIELDS.get(key)
+    return check(guard, value) if check and value not in (None, "") else value
+
+
+def guard_config(guard, cfg: Config) -> Config:
+    """Every guarded field of ``cfg`` through ``guard`` (for configs read back from a run folder)."""
+    for key in GUARDED_FIELDS:
+        section, name = key.split(".")
+        setattr(getattr(cfg, section), name, guard_field(guard, key, getattr(getattr(cfg, section), name)))
+    return cfg

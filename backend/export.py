@@ -8,58 +8,28 @@ files any Hugging Face user can load.
 - ``merge``: base (in full precision, also for QLoRA adapters) + adapter ->
   one model, saved only after its logits on fixed prompts match base+adapter.
 
-Every output folder carries ``ftstudio.json`` (base model, template, stop
-words, system text, kind, step) and a tokenizer whose ``chat_template`` is
-the training format where Jinja can express it, so merge and chat need no
-flags and plain transformers / vLLM users get the format the model learned.
-Outputs are written to a temp folder beside the target, then renamed.
+Every output folder carries ``ftstudio.json`` and a tokenizer whose
+``chat_template`` is the training format where Jinja can express it
+(``backend.core.artifacts`` owns both). Outputs go to a new folder; an
+existing one is replaced only if it is our own output of the same kind and
+the caller asked to overwrite. The base model a checkpoint names passes the
+caller's guard, and its own code runs only if the operator allowed it
+(``trust_remote_code`` here is the operator's answer, never the file's).
 """
 
 from __future__ import annotations
 
-import json
 import os
-import pickle
-import zipfile
 from pathlib import Path
 
-from .atomic import atomic_dir
+from .core.artifacts import (
+    ADAPTER_BIN, ADAPTER_CONFIG, ADAPTER_SAFETENSORS, CONVERTED, MERGED, ArtifactError, check_output, converted_dir,
+    has_tokenizer, is_adapter, is_model, loading_failure, lora_targets, output_dir, output_kind, read_iter, read_meta,
+)
+from .core.guard import Guard
 
-META_FILE = "ftstudio.json"
 PARITY_PROMPTS = ("Hello! Who are you?", "Give three tips for staying healthy.", "1 + 1 =")
-
-
-class ExportError(ValueError):
-    """A convert/merge problem, with what to do about it."""
-
-
-def load_iter(path: str | os.PathLike) -> dict:
-    """Read an ``iter_<N>.pth`` safely (``weights_only``: no pickled code runs)."""
-    import torch
-
-    from .train.trainer import ITER_FORMAT
-
-    path = Path(path)
-    if not path.is_file():
-        raise ExportError(f"{path}: no such checkpoint file")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, zipfile.BadZipFile, EOFError, ValueError, OSError) as exc:
-        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        raise ExportError(
-            f"{path}: not a readable Finetune Studio checkpoint (torch.load with weights_only refused or "
-            f"failed: {first}). Use an iter_<N>.pth written by ftstudio train."
-        ) from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != ITER_FORMAT or "state_dict" not in ckpt:
-        raise ExportError(f"{path}: a PyTorch file, but not a Finetune Studio checkpoint (no '{ITER_FORMAT}' format tag)")
-    return ckpt
-
-
-def read_meta(folder: str | os.PathLike) -> dict:
-    try:
-        return json.loads((Path(folder) / META_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
+ExportError = ArtifactError  # the name callers of convert/merge know
 
 
 def _save_tokenizer(tokenizer, folder: Path, template_name: str) -> bool:
@@ -75,103 +45,96 @@ def _save_tokenizer(tokenizer, folder: Path, template_name: str) -> bool:
     return exported
 
 
-def _lora_targets(state_dict) -> list[str]:
-    names = set()
-    for key in state_dict:
-        if ".lora_A." in key or key.endswith(".lora_A.weight"):
-            names.add(key.split(".lora_A")[0].rsplit(".", 1)[-1])
-    return sorted(names)
-
-
-def pth_to_hf(pth: str | os.PathLike, save_path: str | os.PathLike, config: str | None = None,
-              safe_serialization: bool = True, max_shard_size: str = "2GB", log=print) -> Path:
-    """iter_<N>.pth -> adapter folder (LoRA/QLoRA) or model folder (full)."""
-    import torch
-
-    from .config import load_config
-    from .data import load_tokenizer, stop_words
+def base_location(name: str, guard: Guard, what: str) -> str:
+    """A base model named by a user or recorded in an artifact: through the guard, 'demo' resolved."""
     from .demo import resolve_model
 
-    ckpt = load_iter(pth)
-    meta = dict(ckpt["meta"])
-    cfg = load_config(config).to_dict() if config else meta["config"]
+    checked = guard.model(name, what)
+    if checked is None:
+        raise ArtifactError(f"{what}: none given")
+    return resolve_model(checked)
+
+
+def load_causal_lm(path: str, *, trust_remote_code: bool, what: str, **kwargs):
+    """``AutoModelForCausalLM.from_pretrained`` with its failures in one line
+    (a folder that is not a model, an unreachable Hub, a model that needs its own code)."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise ArtifactError(loading_failure(what, path, exc)) from None
+
+
+def pth_to_hf(pth: str | os.PathLike, save_path: str | os.PathLike, config: str | None = None, *,
+              overwrite: bool = False, trust_remote_code: bool = False, guard: Guard | None = None,
+              safe_serialization: bool = True, max_shard_size: str = "2GB", log=print) -> Path:
+    """iter_<N>.pth -> adapter folder (LoRA/QLoRA) or model folder (full)."""
+    from .config import load_config
+    from .data import load_tokenizer, stop_words
+
+    guard = guard or Guard.cli()
+    ckpt = read_iter(pth)
+    target = check_output(guard.output_dir(save_path), CONVERTED, overwrite)
+    cfg = load_config(config).to_dict() if config else ckpt.config
     base_name = cfg["model"]["name_or_path"]
-    base_path = resolve_model(base_name)
+    base_path = base_location(base_name, guard, "base model recorded in the checkpoint")
+    tok_path = base_location(cfg["model"].get("tokenizer") or base_name, guard, "tokenizer recorded in the checkpoint")
     template = cfg["data"]["template"]
-    tokenizer = load_tokenizer(cfg["model"].get("tokenizer") or base_path,
-                               trust_remote_code=cfg["model"].get("trust_remote_code", False))
-    state = ckpt["state_dict"]
-    kind = meta["kind"]
-    record = {
-        "kind": kind, "base_model": base_name, "template": template,
-        "stop_words": stop_words(tokenizer, template), "system": cfg.get("evaluation", {}).get("system", ""),
-        "step": meta.get("step"), "source": str(Path(pth).resolve()),
-    }
-    with atomic_dir(save_path) as out:
-        if kind in ("lora", "qlora"):
-            from peft import LoraConfig
-
-            lora = cfg["lora"]
-            targets = _lora_targets(state)
-            if not targets:
-                raise ExportError(f"{pth}: a {kind} checkpoint without LoRA weights")
-            LoraConfig(
-                r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"], bias=lora["bias"],
-                target_modules=targets, task_type="CAUSAL_LM", base_model_name_or_path=base_name,
-            ).save_pretrained(out)
-            if safe_serialization:
-                from safetensors.torch import save_file
-
-                save_file({k: v.contiguous() for k, v in state.items()}, out / "adapter_model.safetensors",
-                          metadata={"format": "pt"})
-            else:
-                torch.save(state, out / "adapter_model.bin")
-        elif kind == "full":
-            from transformers import AutoModelForCausalLM
-
-            model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32,
-                                                         trust_remote_code=cfg["model"].get("trust_remote_code", False))
-            missing, unexpected = model.load_state_dict(state, strict=False)
-            tied = {k for k in missing if k.endswith("lm_head.weight")} if model.config.tie_word_embeddings else set()
-            if unexpected or set(missing) - tied:
-                raise ExportError(f"{pth}: weights do not fit {base_name} (missing {sorted(missing)[:3]}, "
-                                  f"unexpected {sorted(unexpected)[:3]})")
-            model.save_pretrained(out, safe_serialization=safe_serialization, max_shard_size=max_shard_size)
+    tokenizer = load_tokenizer(tok_path, trust_remote_code=trust_remote_code)
+    record = {"kind": ckpt.kind, "base_model": base_name, "template": template,
+              "stop_words": stop_words(tokenizer, template), "system": cfg.get("evaluation", {}).get("system", ""),
+              "step": ckpt.meta.get("step"), "source": str(Path(pth).resolve())}
+    with output_dir(target, CONVERTED, overwrite) as out:
+        if ckpt.kind in ("lora", "qlora"):
+            _write_adapter(ckpt, cfg, base_name, out.folder, safe_serialization)
         else:
-            raise ExportError(f"{pth}: unknown checkpoint kind {kind!r}")
-        record["chat_template_exported"] = _save_tokenizer(tokenizer, out, template)
-        (out / META_FILE).write_text(json.dumps(record, indent=1, ensure_ascii=False), encoding="utf-8")
-    log(f"{'adapter' if kind != 'full' else 'model'} saved to {save_path} (base {base_name}, template {template})")
+            _write_full(ckpt, base_path, base_name, out.folder, trust_remote_code, safe_serialization, max_shard_size)
+        record["chat_template_exported"] = _save_tokenizer(tokenizer, out.folder, template)
+        out.finish(record)
+    log(f"{'adapter' if ckpt.kind != 'full' else 'model'} saved to {save_path} (base {base_name}, template {template})")
     return Path(save_path)
 
 
-def hf_dir_for(pth: str | os.PathLike) -> Path:
-    """Where the studio keeps the converted form of a run's iter_<N>.pth: <run>/hf/iter_<N>."""
-    pth = Path(pth)
-    return pth.parent / "hf" / pth.stem
+def _write_adapter(ckpt, cfg: dict, base_name: str, folder: Path, safe_serialization: bool) -> None:
+    import torch
+    from peft import LoraConfig
+
+    lora = cfg["lora"]
+    LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"], bias=lora["bias"],
+               target_modules=lora_targets(ckpt.state_dict), task_type="CAUSAL_LM",
+               base_model_name_or_path=base_name).save_pretrained(folder)
+    if safe_serialization:
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in ckpt.state_dict.items()}, folder / ADAPTER_SAFETENSORS,
+                  metadata={"format": "pt"})
+    else:
+        torch.save(ckpt.state_dict, folder / ADAPTER_BIN)
 
 
-def ensure_hf(pth: str | os.PathLike, log=print) -> Path:
-    """The converted folder of ``pth`` (converting it the first time)."""
-    out = hf_dir_for(pth)
-    if not (out / META_FILE).exists():
-        pth_to_hf(pth, out, log=log)
+def _write_full(ckpt, base_path: str, base_name: str, folder: Path, trust_remote_code: bool,
+                safe_serialization: bool, max_shard_size: str) -> None:
+    import torch
+
+    model = load_causal_lm(base_path, trust_remote_code=trust_remote_code, what="base model", dtype=torch.float32)
+    try:
+        missing, unexpected = model.load_state_dict(ckpt.state_dict, strict=False)
+    except RuntimeError as exc:  # a shape mismatch
+        raise ArtifactError(f"{ckpt.path}: weights do not fit {base_name}: {str(exc).splitlines()[-1][:300]}") from None
+    tied = {k for k in missing if k.endswith("lm_head.weight")} if model.config.tie_word_embeddings else set()
+    if unexpected or set(missing) - tied:
+        raise ArtifactError(f"{ckpt.path}: weights do not fit {base_name} (missing {sorted(missing)[:3]}, "
+                            f"unexpected {sorted(unexpected)[:3]})")
+    model.save_pretrained(folder, safe_serialization=safe_serialization, max_shard_size=max_shard_size)
+
+
+def ensure_hf(pth: str | os.PathLike, guard: Guard | None = None, log=print) -> Path:
+    """The converted folder of a run's ``pth`` (converting it the first time)."""
+    out = converted_dir(pth)
+    if output_kind(out) != CONVERTED:
+        pth_to_hf(pth, out, guard=guard, log=log)
     return out
-
-
-def check_llm(llm: str) -> str:
-    """The local path of ``llm`` ('demo' resolved), or ``llm`` itself for a Hub id; raises if neither."""
-    from .demo import resolve_model
-    from .launch import _looks_like_hub_id
-
-    path = resolve_model(str(llm))
-    if not Path(path).exists() and not _looks_like_hub_id(str(llm)):
-        raise ExportError(f"LLM {llm}: no such folder, and not a Hub id like org/name")
-    return path
-
-
-def _is_adapter(folder: Path) -> bool:
-    return (folder / "adapter_config.json").exists()
 
 
 def _logits(model, tokenizer, prompts=PARITY_PROMPTS):
@@ -185,37 +148,53 @@ def _logits(model, tokenizer, prompts=PARITY_PROMPTS):
     return outs
 
 
-def merge(llm: str, adapter: str | os.PathLike, save_path: str | os.PathLike, max_shard_size: str = "2GB",
+def merge(llm: str, adapter: str | os.PathLike, save_path: str | os.PathLike, *, overwrite: bool = False,
+          trust_remote_code: bool = False, guard: Guard | None = None, max_shard_size: str = "2GB",
           safe_serialization: bool = True, device: str = "cpu", tolerance: float = 1e-3, log=print) -> dict:
     """Base + adapter -> one model folder; refuses to save if logits disagree."""
     import torch
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
 
     from .data import load_tokenizer
 
+    guard = guard or Guard.cli()
     adapter = Path(adapter)
     if not adapter.exists():
-        raise ExportError(f"adapter {adapter}: no such folder")
-    if not _is_adapter(adapter):
-        what = "a complete (already merged or fully fine-tuned) model" if (adapter / "config.json").exists() else "not an adapter"
-        raise ExportError(f"{adapter} is {what}: it has no adapter_config.json, so there is nothing to merge")
-    llm_path = check_llm(llm)
-    llm_meta = read_meta(llm_path) if Path(llm_path).exists() else {}
-    if llm_meta.get("merged_adapter") == str(adapter.resolve()):
-        raise ExportError(f"{llm} already has {adapter} merged into it; merging it again would apply it twice")
+        raise ArtifactError(f"adapter {adapter}: no such folder")
+    if not is_adapter(adapter):
+        what = "a complete (already merged or fully fine-tuned) model" if is_model(adapter) else "not an adapter"
+        raise ArtifactError(f"{adapter} is {what}: it has no {ADAPTER_CONFIG}, so there is nothing to merge")
+    llm_path = base_location(llm, guard, "base model")
+    if Path(llm_path).exists() and read_meta(llm_path).get("merged_adapter") == str(adapter.resolve()):
+        raise ArtifactError(f"{llm} already has {adapter} merged into it; merging it again would apply it twice")
+    target = check_output(guard.output_dir(save_path), MERGED, overwrite)
     meta = read_meta(adapter)
     dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-    base = AutoModelForCausalLM.from_pretrained(llm_path, dtype=torch.float32).to(dev)
+    base = load_causal_lm(llm_path, trust_remote_code=trust_remote_code, what="base model",
+                          dtype=torch.float32).to(dev)
     try:
         model = PeftModel.from_pretrained(base, str(adapter))
-    except (RuntimeError, ValueError, KeyError) as exc:
-        raise ExportError(
-            f"adapter {adapter} does not fit {llm}: {str(exc).splitlines()[0][:300]}. "
-            f"It was trained on {meta.get('base_model', 'another model')}."
-        ) from None
+    except (RuntimeError, ValueError, KeyError, OSError) as exc:
+        raise ArtifactError(f"adapter {adapter} does not fit {llm}: {str(exc).splitlines()[0][:300]}. "
+                            f"It was trained on {meta.get('base_model', 'another model')}.") from None
     model.eval()
-    tokenizer = load_tokenizer(str(adapter) if (adapter / "tokenizer_config.json").exists() else llm_path)
+    tok_source = str(adapter) if has_tokenizer(adapter) else llm_path
+    tokenizer = load_tokenizer(tok_source, trust_remote_code=trust_remote_code)
+    merged, diff = _merge_checked(model, tokenizer, tolerance, log)
+    record = {**meta, "kind": MERGED, "base_model": llm, "merged_adapter": str(adapter.resolve()),
+              "parity_max_abs_diff": diff}
+    with output_dir(target, MERGED, overwrite) as out:
+        merged.save_pretrained(out.folder, safe_serialization=safe_serialization, max_shard_size=max_shard_size)
+        if meta.get("template"):
+            record["chat_template_exported"] = _save_tokenizer(tokenizer, out.folder, meta["template"])
+        else:
+            tokenizer.save_pretrained(out.folder)
+        out.finish(record)
+    log(f"merged model saved to {save_path}")
+    return record
+
+
+def _merge_checked(model, tokenizer, tolerance: float, log):
     before = _logits(model, tokenizer)
     merged = model.merge_and_unload()
     after = _logits(merged, tokenizer)
@@ -223,15 +202,5 @@ def merge(llm: str, adapter: str | os.PathLike, save_path: str | os.PathLike, ma
     scale = max(float(a.abs().max()) for a in before)
     log(f"parity: max |logit difference| merged vs base+adapter = {diff:.3g} (logits up to {scale:.3g})")
     if diff > tolerance * max(1.0, scale):
-        raise ExportError(f"merged model disagrees with base+adapter (max logit difference {diff:.3g}); not saved")
-    record = {**meta, "kind": "merged", "base_model": llm, "merged_adapter": str(adapter.resolve()),
-              "parity_max_abs_diff": diff}
-    with atomic_dir(save_path) as out:
-        merged.save_pretrained(out, safe_serialization=safe_serialization, max_shard_size=max_shard_size)
-        if meta.get("template"):
-            record["chat_template_exported"] = _save_tokenizer(tokenizer, out, meta["template"])
-        else:
-            tokenizer.save_pretrained(out)
-        (out / META_FILE).write_text(json.dumps(record, indent=1, ensure_ascii=False), encoding="utf-8")
-    log(f"merged model saved to {save_path}")
-    return record
+        raise ArtifactError(f"merged model disagrees with base+adapter (max logit difference {diff:.3g}); not saved")
+    return merged, diff

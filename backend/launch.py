@@ -1,5 +1,5 @@
-"""``ftstudio train``: check everything that can be checked up front, create
-the run directory, start the ranks, follow them, record how the run ended.
+"""``ftstudio train``: check everything that can be checked up front, claim the
+run folder, start the ranks, follow them, record how the run ended.
 
 Launch modes, as in XTuner's guide:
 - no distributed variables: one worker process;
@@ -8,29 +8,36 @@ Launch modes, as in XTuner's guide:
 
 Commands are argument lists (never a shell string). The workers append their
 own output to ``train.log``; this process only reads that file to echo it, so
-closing a terminal or a browser tab can never stall training.
+closing a terminal or a browser tab can never stall training. The workers run
+in their own session: if this launcher is killed, they train on and the run is
+followed through them (``rundir.effective_status``); abort still reaches them
+through the run folder's stop request.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+import uuid
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .config import Config, ConfigError
-from .runs import last_error, latest_checkpoint, now, read_status, update_status
+from .core import procs
+from .core.guard import is_hub_id
+from .core.rundir import ACTIVE, WORKER_MODULE, RunDir, RunFolderError, last_error, now
 
 DEEPSPEED_DIR = Path(__file__).resolve().parent / "deepspeed"
 DEEPSPEED_NAMES = ("deepspeed_zero1", "deepspeed_zero2", "deepspeed_zero2_offload", "deepspeed_zero3",
                    "deepspeed_zero3_offload")
+QUEUED_ENV = "FTSTUDIO_QUEUED_RUN"  # set by start_detached: the run id this launcher was queued for
+ABORTED_EXIT = 143  # an aborted run exits like a process stopped by SIGTERM
 
 
 class LaunchError(RuntimeError):
@@ -50,6 +57,12 @@ class LaunchSpec:
     def distributed(self) -> bool:
         return self.launcher == "slurm" or self.nproc_per_node > 1 or self.nnodes > 1
 
+    @property
+    def world_size(self) -> int:
+        if self.launcher == "slurm":
+            return int(os.environ.get("SLURM_NTASKS", "1"))
+        return self.nproc_per_node * self.nnodes
+
     @classmethod
     def from_env(cls, env=None, launcher: str = "pytorch") -> "LaunchSpec":
         env = os.environ if env is None else env
@@ -63,21 +76,45 @@ class LaunchSpec:
             except ValueError:
                 raise LaunchError(f"{name}={raw!r} should be a whole number") from None
 
-        spec = cls(
-            launcher=launcher,
-            nproc_per_node=num("NPROC_PER_NODE", 1),
-            nnodes=num("NNODES", 1),
-            node_rank=num("NODE_RANK", 0),
-            addr=env.get("ADDR") or "127.0.0.1",
-            port=num("PORT", None),
-        )
-        if spec.nproc_per_node < 1 or spec.nnodes < 1:
-            raise LaunchError("NPROC_PER_NODE and NNODES must be at least 1")
-        if not 0 <= spec.node_rank < spec.nnodes:
-            raise LaunchError(f"NODE_RANK={spec.node_rank} must be between 0 and NNODES-1={spec.nnodes - 1}")
-        if spec.nnodes > 1 and (not env.get("ADDR") or spec.port is None):
-            raise LaunchError("NNODES > 1 needs ADDR (node 0's address) and PORT on every node")
+        spec = cls(launcher=launcher, nproc_per_node=num("NPROC_PER_NODE", 1), nnodes=num("NNODES", 1),
+                   node_rank=num("NODE_RANK", 0), addr=env.get("ADDR") or "127.0.0.1", port=num("PORT", None))
+        spec.check(multi_node_needs_addr=not env.get("ADDR"))
         return spec
+
+    def check(self, multi_node_needs_addr: bool = False) -> None:
+        if self.nproc_per_node < 1 or self.nnodes < 1:
+            raise LaunchError("NPROC_PER_NODE and NNODES must be at least 1")
+        if not 0 <= self.node_rank < self.nnodes:
+            raise LaunchError(f"NODE_RANK={self.node_rank} must be between 0 and NNODES-1={self.nnodes - 1}")
+        if self.port is not None and not 1 <= self.port <= 65535:
+            raise LaunchError(f"PORT={self.port} is not a TCP port; use one between 1024 and 65535")
+        if self.nnodes > 1 and (multi_node_needs_addr or self.port is None):
+            raise LaunchError("NNODES > 1 needs ADDR (node 0's address) and PORT on every node")
+
+    def to_env(self) -> dict:
+        """The variables ``ftstudio train`` reads to launch this shape."""
+        env = {}
+        if self.nproc_per_node > 1 or self.nnodes > 1:
+            env["NPROC_PER_NODE"] = str(self.nproc_per_node)
+        if self.nnodes > 1:
+            env.update(NNODES=str(self.nnodes), NODE_RANK=str(self.node_rank), ADDR=self.addr, PORT=str(self.port))
+        return env
+
+    def record(self, deepspeed: Path | None) -> dict:
+        """What launch.json keeps, so a resume reproduces the shape exactly."""
+        shape = {**asdict(self), "world_size": self.world_size, "deepspeed": deepspeed.name if deepspeed else None}
+        shape.pop("node_rank")
+        return shape
+
+    @classmethod
+    def from_record(cls, shape: dict, node_rank: int = 0) -> "LaunchSpec":
+        try:
+            return cls(launcher=str(shape["launcher"]), nproc_per_node=int(shape["nproc_per_node"]),
+                       nnodes=int(shape["nnodes"]), node_rank=node_rank, addr=str(shape["addr"]),
+                       port=None if shape.get("port") is None else int(shape["port"]))
+        except (KeyError, TypeError, ValueError):
+            raise LaunchError("the run's launch.json is not a launch shape; give the shape again "
+                              "(NPROC_PER_NODE, NNODES, ...)") from None
 
 
 def resolve_deepspeed(name_or_path: str | None) -> Path | None:
@@ -96,7 +133,7 @@ def resolve_deepspeed(name_or_path: str | None) -> Path | None:
 
 
 def worker_args(run_dir: Path, deepspeed: Path | None, resume: Path | None, slurm: bool = False) -> list[str]:
-    args = ["-m", "backend.train.worker", str(run_dir)]
+    args = ["-m", WORKER_MODULE, str(run_dir)]
     if deepspeed:
         args += ["--deepspeed", str(deepspeed)]
     if resume:
@@ -145,28 +182,22 @@ def device_count() -> tuple[int, str]:
     return os.cpu_count() or 1, "CPU cores"
 
 
-def _looks_like_hub_id(name: str) -> bool:
-    return bool(re.match(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$", name)) and not name.startswith((".", "/"))
-
-
 def preflight(cfg: Config, spec: LaunchSpec, deepspeed: Path | None, build_data: bool = True):
     """Every check that can fail before a process is started. Raises ConfigError,
     DataError or LaunchError with a message that says what to change."""
     model = cfg.model.name_or_path
-    if model != "demo" and not Path(model).expanduser().exists() and not _looks_like_hub_id(model):
+    if model != "demo" and not Path(model).expanduser().exists() and not is_hub_id(model):
         raise ConfigError(f"model.name_or_path {model!r}: no such folder, and not a Hub id like org/name")
     if cfg.training.method == "qlora":
         try:
             import bitsandbytes  # noqa: F401
-        except Exception as exc:  # ImportError, or a broken native library
-            raise ConfigError(
-                f"training.method is qlora, but bitsandbytes is not usable here ({exc}); "
-                "pip install bitsandbytes, or use training.method=lora"
-            ) from None
+        except Exception as exc:  # noqa: BLE001 - ImportError, or a broken native library
+            raise ConfigError(f"training.method is qlora, but bitsandbytes is not usable here ({exc}); "
+                              "pip install bitsandbytes, or use training.method=lora") from None
     if deepspeed is not None:
         try:
             import deepspeed as _ds  # noqa: F401
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - as above
             raise ConfigError(f"--deepspeed needs the deepspeed package ({exc}); pip install deepspeed") from None
     if spec.launcher != "slurm":
         have, kind = device_count()
@@ -184,45 +215,80 @@ def preflight(cfg: Config, spec: LaunchSpec, deepspeed: Path | None, build_data:
 
 def default_run_dir(cfg: Config, spec: LaunchSpec, work_root: str = "work_dirs") -> Path:
     """A new run folder. Ranks on several nodes / Slurm tasks must agree on it
-    without talking, so those names come from what they share."""
+    without talking, so those names come from what they share; a rerun with the
+    same shape finds the earlier run there and is refused (give --work-dir)."""
     if spec.launcher == "slurm" and os.environ.get("SLURM_JOB_ID"):
-        tag = f"slurm{os.environ['SLURM_JOB_ID']}.{os.environ.get('SLURM_STEP_ID', '0')}"
-    elif spec.nnodes > 1:
-        tag = f"{spec.addr}-{spec.port}"
-    else:
-        tag = time.strftime("%Y%m%d-%H%M%S")
-    return Path(work_root) / f"{cfg.name}-{tag}"
+        return Path(work_root) / f"{cfg.name}-slurm{os.environ['SLURM_JOB_ID']}.{os.environ.get('SLURM_STEP_ID', '0')}"
+    if spec.nnodes > 1:
+        return Path(work_root) / f"{cfg.name}-{spec.addr}-{spec.port}"
+    base = Path(work_root) / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    path, n = base, 1
+    while path.exists():
+        n += 1
+        path = base.with_name(f"{base.name}-{n}")
+    return path
 
 
-def find_resume(resume: str | bool, run_dir: Path | None, cfg_name: str, work_root="work_dirs") -> tuple[Path, Path]:
-    """(run_dir, checkpoint folder) to resume from.
+def find_resume(resume: str | bool, run_dir: Path | None, cfg_name: str, work_root="work_dirs") -> tuple[RunDir, Path]:
+    """(run, checkpoint folder) to resume from.
 
     ``resume`` True: the latest complete checkpoint of ``run_dir`` (or of the
     newest run of this config under work_dirs). A path: a checkpoint folder,
     an ``iter_<N>.pth`` (its run's checkpoint-N), or a run folder (its latest).
     """
+    from .core.artifacts import iter_step
+    from .core.rundir import checkpoint_step, list_runs
+
     if resume is True:
         if run_dir is None:
-            candidates = sorted(Path(work_root).glob(f"{cfg_name}-*/status.json"), key=lambda p: p.stat().st_mtime)
-            if not candidates:
+            mine = [r for r in list_runs(work_root) if r.name.startswith(f"{cfg_name}-")]
+            if not mine:
                 raise ConfigError(f"--resume: no earlier run of {cfg_name!r} under {work_root}; give --work-dir or a checkpoint")
-            run_dir = candidates[-1].parent
-        ckpt = latest_checkpoint(run_dir)
+            run_dir = mine[0].path
+        run = RunDir(run_dir)
+        if not run.is_run():
+            raise ConfigError(f"--resume: {run_dir} is not a run folder")
+        ckpt = run.latest_checkpoint()
         if ckpt is None:
             raise ConfigError(f"--resume: {run_dir} has no complete checkpoint yet")
-        return Path(run_dir), ckpt
+        return run, ckpt
     path = Path(resume)
-    if path.is_file() and path.name.startswith("iter_"):
-        step = path.stem.split("_", 1)[1]
-        ckpt = path.parent / "checkpoints" / f"checkpoint-{step}"
-        if not ckpt.is_dir():
-            raise ConfigError(f"--resume {path}: its resumable state {ckpt} is gone (save_total_limit?)")
-        return path.parent, ckpt
-    if path.is_dir() and (path / "checkpoints").is_dir():
+    if path.is_file() and iter_step(path) is not None:
+        run = RunDir(path.parent)
+        ckpt = run.checkpoint_dir(iter_step(path))
+        if ckpt not in [c for _, c in run.checkpoints()]:
+            raise ConfigError(f"--resume {path}: its resumable state {ckpt} is gone or incomplete (save_total_limit?)")
+        return run, ckpt
+    if path.is_dir() and RunDir(path).is_run():
         return find_resume(True, path, cfg_name)
-    if path.is_dir() and path.name.startswith("checkpoint-") and path.parent.name == "checkpoints":
-        return path.parent.parent, path
+    if path.is_dir() and checkpoint_step(path) is not None and RunDir(path.parent.parent).is_run():
+        return RunDir(path.parent.parent), path
     raise ConfigError(f"--resume {resume}: not a checkpoint folder, iter_<N>.pth or run folder")
+
+
+def resume_shape(run: RunDir, env_spec: LaunchSpec, deepspeed: Path | None, env=None) -> tuple[LaunchSpec, Path | None]:
+    """The launch shape and DeepSpeed config a resume must use: the recorded ones.
+    A different shape asked for in the environment is refused, not silently used."""
+    env = os.environ if env is None else env
+    shape = run.launch()
+    if not shape:  # a run from before launch.json: take what was asked
+        return env_spec, deepspeed
+    spec = LaunchSpec.from_record(shape, node_rank=env_spec.node_rank)
+    for var, field_name in (("NPROC_PER_NODE", "nproc_per_node"), ("NNODES", "nnodes")):
+        if env.get(var) and int(env[var]) != getattr(spec, field_name):
+            raise LaunchError(f"{run.path} was launched with {var}={getattr(spec, field_name)}; resume it with "
+                              f"the same shape (or unset {var}: the recorded shape is used)")
+    if env_spec.launcher != spec.launcher:
+        raise LaunchError(f"{run.path} was launched with --launcher {spec.launcher}; resume it the same way")
+    if spec.nnodes > 1 and env.get("PORT"):
+        spec.port = env_spec.port
+    if spec.nnodes > 1 and env.get("ADDR"):
+        spec.addr = env_spec.addr
+    recorded = run.deepspeed_file if shape.get("deepspeed") else None
+    if deepspeed is not None and (recorded is None or json.loads(deepspeed.read_text()) != json.loads(recorded.read_text())):
+        raise LaunchError(f"{run.path} ran with DeepSpeed {shape.get('deepspeed') or 'off'}; resume it with the "
+                          "same config (or leave --deepspeed out: the recorded one is used)")
+    return spec, recorded
 
 
 class Follower:
@@ -245,125 +311,226 @@ class Follower:
             self.out.flush()
 
 
+def claim(run: RunDir, spec: LaunchSpec, resume: Path | None, owner: bool) -> None:
+    """Make sure this folder is ours to run in: a new (or empty) one, the run we
+    resume, or the one the studio queued for this very launcher."""
+    if not owner:
+        return _wait_for_owner(run, spec)
+    if resume is not None:
+        if not run.is_run():
+            raise RunFolderError(f"{run.path} is not a run folder; nothing to resume")
+        return None
+    queued = os.environ.get(QUEUED_ENV)
+    if queued:  # the studio claimed the folder and queues this launcher; it writes "queued" just after starting us
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            if run.status().get("run_id") == queued and run.status().get("state") == "queued":
+                return None
+            time.sleep(0.1)
+        raise RunFolderError(f"{run.path}: this launcher was queued for run {queued}, but the folder does not say so")
+    return run.claim_new()
+
+
+def _wait_for_owner(run: RunDir, spec: LaunchSpec, timeout: float = 300) -> None:
+    """Another node / Slurm task: wait until node 0 has started this run (not an earlier one)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        st, shape = run.status(), run.launch()
+        if st.get("state") in ACTIVE and shape.get("nnodes") == spec.nnodes and shape.get("port") == spec.port \
+                and run.config_file.exists():
+            return
+        time.sleep(0.2)
+    held = run.status().get("state")
+    raise LaunchError(f"{run.path}: node 0 / task 0 did not start this run within {timeout:.0f} s"
+                      + (f" (the folder holds an earlier run, {held}; give every node the same new --work-dir)"
+                         if held else "; did it start, with the same --work-dir?"))
+
+
+def prepare(run: RunDir, cfg: Config, spec: LaunchSpec, deepspeed: Path | None, resume: Path | None) -> Path | None:
+    """Lay out the run folder (owner only). Returns the DeepSpeed file the workers use."""
+    if not resume:
+        run.write_config(cfg.to_yaml())
+    if deepspeed and deepspeed != run.deepspeed_file:
+        shutil.copyfile(deepspeed, run.deepspeed_file)
+    run.write_launch(spec.record(run.deepspeed_file if deepspeed else None))
+    run.clear_result()
+    if not os.environ.get(QUEUED_ENV):  # a queued run's stop request is for this very attempt: keep it
+        run.clear_stop()
+    return run.deepspeed_file if deepspeed else None
+
+
 def run(cfg: Config, spec: LaunchSpec, *, deepspeed: Path | None = None, run_dir: Path | None = None,
         resume: Path | None = None, follow=sys.stdout, work_root: str = "work_dirs") -> tuple[int, Path]:
-    """Start this node's ranks and wait for them. Returns (exit code, run_dir)."""
-    run_dir = Path(run_dir or default_run_dir(cfg, spec, work_root)).resolve()
+    """Start this node's ranks and wait for them. Returns (exit code, run_dir);
+    the code returned is the one recorded in status.json."""
+    rd = RunDir(run_dir or default_run_dir(cfg, spec, work_root))
     owner = spec.node_rank == 0 and int(os.environ.get("SLURM_PROCID", "0")) == 0
     if spec.distributed and spec.launcher != "slurm" and spec.port is None:
         spec.port = free_port()
-    cmd = build_command(spec, run_dir, deepspeed, resume)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    claim(rd, spec, resume, owner)
     if owner:
-        if not resume:
-            tmp = run_dir / ".config.yaml.tmp"
-            tmp.write_text(cfg.to_yaml(), encoding="utf-8")
-            os.replace(tmp, run_dir / "config.yaml")
-        if deepspeed:
-            shutil.copyfile(deepspeed, run_dir / "deepspeed.json")
-        (run_dir / "result.json").unlink(missing_ok=True)
-    else:  # another node / Slurm task: wait for the owner to lay out the run folder
-        deadline = time.time() + 300
-        while not (run_dir / "config.yaml").exists():
-            if time.time() > deadline:
-                raise LaunchError(f"{run_dir}/config.yaml did not appear: did node 0 / task 0 start?")
-            time.sleep(0.2)
+        deepspeed = prepare(rd, cfg, spec, deepspeed, resume)
+        if rd.stop_requested():  # aborted while it was queued
+            rd.end("aborted", ABORTED_EXIT, None)
+            return ABORTED_EXIT, rd.path
+    cmd = build_command(spec, rd.path, deepspeed, resume)
     printable = " ".join(cmd)
     if follow is not None:
-        follow.write(f"run dir: {run_dir}\ncommand: {printable}\n")
+        follow.write(f"run dir: {rd.path}\ncommand: {printable}\n")
         follow.flush()
-    log_path = run_dir / "train.log"
-    log = open(log_path, "ab")
-    log.write(f"== {now()} {socket.gethostname()} node {spec.node_rank}: {printable}\n".encode())
-    log.flush()
-    follower = Follower(log_path, follow, start_at_end=True) if follow is not None else None
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            start_new_session=spec.launcher != "slurm", cwd=os.getcwd())
-    log.close()
+    rd.append_log(f"== {now()} {socket.gethostname()} node {spec.node_rank}: {printable}\n")
+    follower = Follower(rd.train_log, follow, start_at_end=True) if follow is not None else None
+    with open(rd.train_log, "ab") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=spec.launcher != "slurm", cwd=os.getcwd())
     if owner:
-        previous = read_status(run_dir)
-        update_status(
-            run_dir, state="running", pid=os.getpid(), pgid=proc.pid if spec.launcher != "slurm" else os.getpgid(0),
-            command=cmd, host=socket.gethostname(), started=previous.get("started") if resume else now(),
-            resumed_at=now() if resume else previous.get("resumed_at"), resumed_from=str(resume) if resume else None,
-            ended=None, exit_code=None, error=None, config=cfg.name, method=cfg.training.method,
-            world_size=int(os.environ.get("SLURM_NTASKS", "1")) if spec.launcher == "slurm"
-            else spec.nproc_per_node * spec.nnodes, deepspeed=deepspeed.stem if deepspeed else None,
-        )
-    stop = {"asked": False}
-
-    def forward(signum, frame):  # Ctrl-C / SIGTERM here: ask the ranks to stop gracefully
-        stop["asked"] = True
-        try:
-            if spec.launcher == "slurm":
-                proc.send_signal(signal.SIGTERM)
-            else:
-                os.killpg(proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-
-    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+        _record_start(rd, cfg, spec, cmd, proc, resume, deepspeed)
+    stop = _StopHandlers(rd, spec, proc, owner)
     try:
         while proc.poll() is None:
             if follower:
                 follower.poll()
             time.sleep(0.2)
     finally:
-        for s, h in old.items():
-            signal.signal(s, h)
+        stop.restore()
     if follower:
         follower.poll()
-    code = proc.returncode
-    if owner:
-        result = {}
+    if not owner:
+        return _exit_code(proc.returncode), rd.path
+    state, code, error = outcome(rd, proc.returncode, stop.asked)
+    rd.end(state, code, error)
+    if follow is not None:
+        follow.write(f"run {state} (exit code {code}): {rd.path}\n" + (f"error: {error}\n" if error else ""))
+        follow.flush()
+    return code, rd.path
+
+
+def _record_start(rd: RunDir, cfg: Config, spec: LaunchSpec, cmd: list[str], proc, resume: Path | None,
+                  deepspeed: Path | None) -> None:
+    previous = rd.status()
+    workers = procs.capture(proc.pid)
+    slurm = {k: os.environ[v] for k, v in (("slurm_job_id", "SLURM_JOB_ID"), ("slurm_step_id", "SLURM_STEP_ID"))
+             if spec.launcher == "slurm" and os.environ.get(v)}
+    rd.start("running", launcher=procs.self_record().to_dict(), workers=workers.to_dict() if workers else None,
+             run_id=previous.get("run_id") or uuid.uuid4().hex, command=cmd, host=socket.gethostname(),
+             started=previous.get("started") if (resume or previous.get("started")) else now(),
+             resumed_at=now() if resume else previous.get("resumed_at"),
+             resumed_from=str(resume) if resume else previous.get("resumed_from"),
+             config=cfg.name, method=cfg.training.method, world_size=spec.world_size, nnodes=spec.nnodes,
+             launcher_kind=spec.launcher, deepspeed=_deepspeed_label(rd) if deepspeed else None,
+             **slurm)
+
+
+def _deepspeed_label(rd: RunDir) -> str | None:
+    """The DeepSpeed config's name for views: a shipped one by its name, a custom one as 'custom'."""
+    try:
+        ran = json.loads(rd.deepspeed_file.read_text())
+    except (OSError, ValueError):
+        return None
+    for name in DEEPSPEED_NAMES:
+        if json.loads((DEEPSPEED_DIR / f"{name}.json").read_text()) == ran:
+            return name
+    return "custom"
+
+
+def _exit_code(returncode: int) -> int:
+    return 128 - returncode if returncode < 0 else returncode
+
+
+def outcome(rd: RunDir, returncode: int, stop_asked: bool) -> tuple[str, int, str | None]:
+    """(state, exit code, error) of a run whose workers exited with ``returncode``."""
+    result = rd.result()
+    code = _exit_code(returncode)
+    if result.get("state") == "aborted" or (stop_asked and result.get("state") != "finished" and code == 0):
+        return "aborted", ABORTED_EXIT, None
+    if code == 0 and result.get("state") == "finished":
+        return "finished", 0, None
+    error = result.get("error")
+    if returncode < 0:
+        error = error or f"the workers were killed by {signal.Signals(-returncode).name}"
+    error = error or last_error(rd.train_log) or f"the workers exited with code {code} without saying why"
+    if _disk_full(rd.path) or "No space left on device" in error:
+        error = f"no space left on device at {rd.path} ({error})"
+    return "failed", code or 1, error  # a rank died without saying so: never report success
+
+
+def _disk_full(path: Path) -> bool:
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < (1 << 20)
+
+
+class _StopHandlers:
+    """Ctrl-C / SIGTERM here: the first asks the ranks to save and stop (through the
+    run folder; torchrun is not signalled, it would kill ranks mid-save after 30 s);
+    a second one stops them hard."""
+
+    def __init__(self, rd: RunDir, spec: LaunchSpec, proc, owner: bool):
+        self.rd, self.spec, self.proc, self.owner = rd, spec, proc, owner
+        self.asked = False
+        self.old = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def handle(self, signum, frame):
         try:
-            result = json.loads((run_dir / "result.json").read_text())
-        except (OSError, ValueError):
+            if self.asked:
+                self._signal_workers(signal.SIGTERM, hard=True)
+            elif self.owner:
+                self.rd.request_stop(by=f"signal {signum} to the launcher")
+            else:
+                self._signal_workers(signal.SIGTERM, hard=False)
+        except (ProcessLookupError, OSError):
             pass
-        if result.get("state") == "aborted" or (stop["asked"] and result.get("state") != "finished"):
-            state = "aborted"
-        elif code == 0 and result.get("state") == "finished":
-            state = "finished"
+        self.asked = True
+
+    def _signal_workers(self, sig, hard: bool):
+        if self.spec.launcher == "slurm" or not self.spec.distributed:
+            self.proc.send_signal(sig)  # our own child: the worker itself
+        elif hard:
+            os.killpg(self.proc.pid, sig)  # our own child's process group
         else:
-            state = "failed"
-            if code == 0:
-                code = 1  # a rank died without saying so: never report success
-        error = result.get("error") if state == "failed" else None
-        if state == "failed" and not error:
-            error = last_error(log_path)
-        update_status(run_dir, state=state, ended=now(), exit_code=code, error=error)
-        if follow is not None:
-            follow.write(f"run {state} (exit code {code}): {run_dir}\n")
-            follow.flush()
-        if state == "aborted" and code == 0:
-            code = 143
-    return code, run_dir
+            for pid in procs.descendants(self.proc.pid):  # the ranks under our torchrun, not torchrun
+                os.kill(pid, sig)
+
+    def restore(self):
+        for s, h in self.old.items():
+            signal.signal(s, h)
 
 
 def start_detached(config: Config, run_dir: str | os.PathLike, *, deepspeed: str | None = None,
-                   env: dict | None = None, resume: bool = False) -> subprocess.Popen:
+                   spec: LaunchSpec | None = None, resume: bool = False) -> subprocess.Popen:
     """Start ``ftstudio train`` for ``config`` in the background (its own
     session, output into the run folder only) and return at once: what the
     studio uses. The run is then followed through its run folder, so a
-    restarted caller finds it again (``backend.runs``)."""
-    run_dir = Path(run_dir).resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config_path = run_dir / "requested.yaml"
-    config_path.write_text(config.to_yaml(), encoding="utf-8")
-    cmd = [sys.executable, "-m", "backend.cli", "train", str(run_dir / "config.yaml" if resume else config_path),
-           "--work-dir", str(run_dir), "--quiet"]
+    restarted caller finds it again. A new run needs a new folder; ``resume``
+    continues a run in its recorded launch shape."""
+    rd = RunDir(run_dir)
+    spec = spec or LaunchSpec()
+    if resume:
+        if not rd.is_run():
+            raise RunFolderError(f"{rd.path} is not a run folder; nothing to resume")
+        source = rd.config_file
+    else:
+        rd.claim_new()
+        source = rd.write_requested(config.to_yaml())
+    cmd = [sys.executable, "-m", "backend.cli", "train", str(source), "--work-dir", str(rd.path), "--quiet"]
     if deepspeed:
         cmd += ["--deepspeed", deepspeed]
     if resume:
         cmd.append("--resume")
-    # "queued" until the launcher's preflight passes and it writes "running";
-    # if the preflight fails, effective_status() reads the error off launcher.log
-    fresh = {} if resume else {"started": now(), "config": config.name, "method": config.training.method}
-    update_status(run_dir, state="queued", pid=None, host=socket.gethostname(), ended=None, exit_code=None,
-                  error=None, command=cmd, **fresh)
-    with open(run_dir / "launcher.log", "ab") as log:
+    run_id = rd.status().get("run_id") or uuid.uuid4().hex
+    rd.clear_stop()
+    rd.clear_result()
+    env = {k: v for k, v in os.environ.items() if k not in ("NPROC_PER_NODE", "NNODES", "NODE_RANK", "ADDR", "PORT")}
+    env.update(spec.to_env(), **{QUEUED_ENV: run_id})
+    with open(rd.launcher_log, "ab") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True, env={**os.environ, **(env or {})})
-    if read_status(run_dir).get("state") == "queued":
-        update_status(run_dir, pid=proc.pid)
+                                start_new_session=True, env=env)
+    record = procs.capture(proc.pid)
+    fresh = {} if resume else {"started": now(), "config": config.name, "method": config.training.method}
+    # "queued" until the launcher's preflight passes and it writes "running"; if the
+    # preflight fails, effective_status() reads the error off launcher.log
+    rd.start("queued", run_id=run_id, host=socket.gethostname(), launcher=record.to_dict() if record else None,
+             workers=None, command=cmd, **fresh)
     return proc

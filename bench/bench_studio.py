@@ -34,7 +34,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 
-from backend.runs import abort, effective_status  # noqa: E402
+from backend.core.rundir import RunDir, effective_status  # noqa: E402
+from backend.runs import abort  # noqa: E402
 from studio_utils import running_studio, wait_for  # noqa: E402
 from studio.runs_tab import POLL_S  # noqa: E402
 
@@ -104,8 +105,8 @@ def main() -> int:
         stop.set()
         watcher.join()
         browser.close()
-        abort(run_dir)  # runs outlive the studio by design: stop this one
-        wait_for(lambda: effective_status(run_dir).get("state") != "running", timeout=120)
+        abort(RunDir(run_dir))  # runs outlive the studio by design: stop this one
+        wait_for(lambda: effective_status(RunDir(run_dir)).get("state") != "running", timeout=120)
 
     lat = [curve_times[k] - file_times[k - 1] for k in sorted(curve_times)
            if k - 1 < len(file_times) and k > 5]  # skip the first points: drawn as the page caught up

@@ -10,62 +10,80 @@ from pathlib import Path
 
 import gradio as gr
 
-from backend.chat import GenerationSettings, chat_source, stream_reply
+from backend.chat import GenerationSettings, stream_reply
 from backend.config import load_config
+from backend.core.artifacts import (
+    CONVERTED_SUBDIR, MERGED_SUBDIR, exported_folders, model_source, read_meta, recorded_base,
+)
+from backend.core.rundir import RunDir
 from backend.data import TEMPLATES
-from backend.export import ExportError, ensure_hf, read_meta
-from backend.runs import iter_files, list_runs
+from backend.export import ensure_hf
+from backend.runs import list_runs
 
-from .context import StudioContext, StudioError
+from .context import USER_ERRORS, StudioContext, StudioError
 from .export_tab import GPU
 
 RECORDED = "(as trained)"
 
 
 def model_choices(ctx: StudioContext) -> list[str]:
-    """'demo', every run checkpoint (run/iter_N.pth) and every exported folder."""
+    """'demo', every run checkpoint (run/iter_N.pth) and every exported folder (run/hf/x, run/merged/x)."""
     out = ["demo"]
     for r in list_runs(ctx.work_dir):
-        run_dir = Path(r["run_dir"])
-        for kind in ("merged", "hf"):
-            if (run_dir / kind).is_dir():
-                out += [f"{r['name']}/{kind}/{p.name}" for p in sorted((run_dir / kind).iterdir())
-                        if (p / "ftstudio.json").exists()]
-        out += [f"{r['name']}/{p.name}" for _, p in reversed(iter_files(run_dir))]
+        run = RunDir(r["run_dir"])
+        out += [str(p.relative_to(ctx.work_dir)) for p in exported_folders(run.path)]
+        out += [f"{run.name}/{p.name}" for _, p in reversed(run.iters())]
     return out
 
 
+def _run_item(ctx: StudioContext, choice: str):
+    """(run, checkpoint or exported folder) for a run/iter_N.pth or run/{hf,merged}/x choice; None otherwise."""
+    parts = Path(choice).parts
+    if len(parts) == 2 and parts[1].endswith(".pth"):
+        run = ctx.guard.run(parts[0])
+        return run, ctx.guard.checkpoint(run, parts[1])
+    if len(parts) == 3 and parts[1] in (CONVERTED_SUBDIR, MERGED_SUBDIR) and not Path(choice).is_absolute():
+        run = ctx.guard.run(parts[0])
+        folder = run.path / parts[1] / parts[2]
+        if folder not in exported_folders(run.path):
+            raise StudioError(f"model {choice}: run {run.name} has no such export")
+        return run, folder
+    return None
+
+
 def resolve(ctx: StudioContext, choice: str) -> str:
-    """A choice -> a model folder, 'demo' or a Hub id (a checkpoint is converted once, on first use)."""
-    if not choice:
+    """A choice -> a model folder, 'demo' or a Hub id (a checkpoint is converted once, on first use).
+    Whatever the caller sends passes the guard: runs and exports must be ours, anything else the path policy."""
+    if not choice or not str(choice).strip():
         raise StudioError("pick a model")
-    candidate = ctx.work_dir / choice
-    if candidate.suffix == ".pth" and candidate.is_file():
-        return str(ensure_hf(candidate, log=lambda *_: None))
-    if candidate.exists():
-        return str(candidate)
-    return ctx.check_path(choice, "model")
+    item = _run_item(ctx, str(choice).strip())
+    if item is None:
+        return ctx.guard.model(str(choice).strip(), "model")
+    _, path = item
+    return str(ensure_hf(path, guard=ctx.guard, log=lambda *_: None)) if path.suffix == ".pth" else str(path)
 
 
 def recorded(ctx: StudioContext, choice: str) -> tuple[str | None, str]:
     """(template, system) a model was trained with, read without loading it."""
     try:
-        candidate = ctx.work_dir / choice
-        if candidate.suffix == ".pth":
-            cfg = load_config(candidate.parent / "config.yaml")
+        item = _run_item(ctx, str(choice or "").strip())
+        if item is None:
+            folder = ctx.guard.model(choice, "model")
+            meta = read_meta(folder) if folder and Path(folder).is_dir() else {}
+            return meta.get("template"), meta.get("system", "")
+        run, path = item
+        if path.suffix == ".pth":
+            cfg = load_config(run.config_file)
             return cfg.data.template, cfg.evaluation.system
-        meta = read_meta(candidate) if candidate.is_dir() else {}
+        meta = read_meta(path)
         return meta.get("template"), meta.get("system", "")
-    except (OSError, ValueError):
+    except USER_ERRORS:
         return None, ""
 
 
 def base_of(folder: str) -> str:
     """The base model a fine-tuned folder came from (for side-by-side)."""
-    llm, adapter = chat_source(folder)
-    if adapter:
-        return llm
-    base = read_meta(folder).get("base_model") if Path(folder).is_dir() else None
+    base = recorded_base(folder) if Path(folder).is_dir() else None
     if not base:
         raise StudioError(f"{folder} does not record its base model; untick side by side")
     return base
@@ -82,11 +100,13 @@ def _text(content) -> str:
 def turns_of(history: list[dict]) -> list[dict]:
     """Chatbot messages -> finished {"input", "output"} turns."""
     turns, pending = [], None
-    for m in history or []:
-        if m["role"] == "user":
-            pending = _text(m["content"])
-        elif m["role"] == "assistant" and pending is not None:
-            turns.append({"input": pending, "output": _text(m["content"])})
+    for m in history if isinstance(history, list) else []:
+        if not isinstance(m, dict):
+            continue
+        if m.get("role") == "user":
+            pending = _text(m.get("content"))
+        elif m.get("role") == "assistant" and pending is not None:
+            turns.append({"input": pending, "output": _text(m.get("content"))})
             pending = None
     return turns
 
@@ -125,27 +145,30 @@ def build(ctx: StudioContext):
         return (gr.update(value=RECORDED) if tpl else gr.skip()), sys_text or ""
 
     def respond(msg, hist_t, hist_b, choice, tpl, sys_text, both, temp, tp, tk, mx, rep):
-        if not msg or not msg.strip():
+        if not isinstance(msg, str) or not msg.strip():
             yield gr.skip(), gr.skip(), gr.skip(), gr.skip()
             return
-        settings = GenerationSettings(max_new_tokens=int(mx), temperature=float(temp), top_p=float(tp),
-                                      top_k=int(tk), repetition_penalty=float(rep))
         try:
+            settings = GenerationSettings(max_new_tokens=int(mx), temperature=float(temp), top_p=float(tp),
+                                          top_k=int(tk), repetition_penalty=float(rep)).checked()
             folder = resolve(ctx, choice)
-            llm, adapter = chat_source(folder)
+            llm, adapter = model_source(folder)
             template_name = None if tpl == RECORDED else tpl
-            tuned = ctx.models.get(llm, adapter, template=template_name)
+            trust = ctx.allow_custom_code
+            tuned = ctx.models.get(llm, adapter, template=template_name, guard=ctx.guard, trust_remote_code=trust)
             tuned = dataclasses.replace(tuned, system=sys_text or "")
             base, base_name = None, None
             if both:
                 base_name = base_of(folder)
-                base = ctx.models.get(base_name, None, template=tuned.template)
+                base = ctx.models.get(base_name, None, template=tuned.template, guard=ctx.guard,
+                                      trust_remote_code=trust)
                 base = dataclasses.replace(base, system=sys_text or "")
-        except (ExportError, StudioError, ValueError, OSError, KeyError) as exc:
+        except USER_ERRORS as exc:
             yield gr.skip(), gr.skip(), "", f"**Error:** {exc}"
             return
-        hist_t = list(hist_t or []) + [{"role": "user", "content": msg}, {"role": "assistant", "content": ""}]
-        hist_b = list(hist_b or []) + [{"role": "user", "content": msg}, {"role": "assistant", "content": ""}]
+        new_turn = [{"role": "user", "content": msg}, {"role": "assistant", "content": ""}]
+        hist_t = list(hist_t if isinstance(hist_t, list) else []) + new_turn
+        hist_b = list(hist_b if isinstance(hist_b, list) else []) + [dict(m) for m in new_turn]
         note = f"{llm}{' + ' + adapter if adapter else ''} · template {tuned.template}"
         streams = [(hist_t, stream_reply(tuned, turns_of(hist_t[:-2]), msg, settings))]
         if base is not None:

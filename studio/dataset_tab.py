@@ -13,7 +13,8 @@ from backend import preview
 from backend.data import MAP_FNS, TEMPLATES, DataError, load_tokenizer
 from backend.demo import resolve_model
 
-from .context import StudioContext, StudioError
+from .context import USER_ERRORS as STUDIO_USER_ERRORS
+from .context import StudioContext, error_md
 
 PAGE_SIZE = 10
 CONV_HEADERS = ["row", "turn", "system", "input", "output"]
@@ -25,12 +26,7 @@ def conversation_table(items: list[dict] | None) -> pd.DataFrame | None:
     rows = [[it["row"], t, turn.get("system", ""), turn.get("input", ""), turn.get("output", "")]
             for it in items for t, turn in enumerate(it["conversation"])]
     return pd.DataFrame(rows, columns=CONV_HEADERS)
-USER_ERRORS = (DataError, StudioError, ValueError, OSError)
-
-
-def error_md(exc: Exception) -> str:
-    kind = "Error" if isinstance(exc, StudioError) else type(exc).__name__
-    return f"**{kind}:** {exc}"
+USER_ERRORS = (*STUDIO_USER_ERRORS, ValueError, TypeError)  # TypeError: API callers may send any value
 
 
 @dataclass
@@ -49,10 +45,10 @@ _tokenizers: dict = {}
 
 
 def tokenizer_for(ctx: StudioContext, name: str):
-    name = ctx.check_path(name or "demo", "tokenizer")
+    name = ctx.guard.model(name or "demo", "tokenizer")
     if name not in _tokenizers:
         _tokenizers.clear()  # keep one: the one being previewed
-        _tokenizers[name] = load_tokenizer(resolve_model(name))
+        _tokenizers[name] = load_tokenizer(resolve_model(name), trust_remote_code=False)
     return _tokenizers[name]
 
 
@@ -100,7 +96,7 @@ def build(ctx: StudioContext) -> DatasetTab:
     use = gr.Button("Use this data in Train →", variant="secondary", elem_id="ds-use")
 
     def dataset(src, sub, spl):
-        return preview.load_source(ctx.check_path(src, "dataset"), name=sub or None, split=spl or None)
+        return preview.load_source(ctx.guard.readable(src, "dataset"), name=sub or None, split=spl or None)
 
     def page_text(ds, pg, pages):
         return f"page {pg} of {pages} · {len(ds):,} rows · columns: {', '.join(ds.column_names)}"
@@ -110,7 +106,7 @@ def build(ctx: StudioContext) -> DatasetTab:
             return None
         ds = dataset(src, sub, spl)
         start = (max(1, int(pg or 1)) - 1) * PAGE_SIZE
-        return conversation_table(preview.conversations(ds, ctx.check_map_fn(fn), start, PAGE_SIZE))
+        return conversation_table(preview.conversations(ds, ctx.guard.map_fn(fn), start, PAGE_SIZE))
 
     def on_load(src, sub, spl):
         try:
@@ -139,7 +135,7 @@ def build(ctx: StudioContext) -> DatasetTab:
             return None, "Pick a map_fn to see the samples.", None
         try:
             ds = dataset(src, sub, spl)
-            fn = ctx.check_map_fn(fn)
+            fn = ctx.guard.map_fn(fn)
             tok = tokenizer_for(ctx, tok_name)
             idx = min(max(0, int(idx or 0)), len(ds) - 1)
             conv = preview.conversations(ds, fn, idx, 1)[0]["conversation"]
@@ -178,7 +174,7 @@ def build(ctx: StudioContext) -> DatasetTab:
     def on_upload(file):
         if file is None:
             return gr.skip()
-        return ctx.save_upload(file if isinstance(file, str) else file.name)
+        return ctx.guard.save_upload(file if isinstance(file, str) else file.name)
 
     upload.upload(on_upload, upload, source).then(
         on_load, [source, subset, split], [table, page, page_info, map_fn, map_reason, conversations, status]).then(

@@ -1,16 +1,22 @@
 """Export tab: a run's iter_<N>.pth -> Hugging Face adapter (or model) ->
 merged model, with the merge's logit parity shown. Calls
 ``backend.export.pth_to_hf`` / ``merge``; both write to a temp folder and
-rename, so a failed export leaves nothing behind."""
+rename, so a failed export leaves nothing behind, and neither replaces a
+folder it did not write (Overwrite replaces only our own earlier export).
+
+Every name a caller gives (run, checkpoint, folders) passes the guard: the
+API is callable directly, so the dropdowns' choices are not a limit."""
 
 from __future__ import annotations
 
 import gradio as gr
 
-from backend.export import ExportError, hf_dir_for, merge, pth_to_hf, read_meta
-from backend.runs import iter_files, list_runs
+from backend.core.artifacts import converted_dir, merged_dir, read_meta, recorded_base
+from backend.core.rundir import RunDir
+from backend.export import merge, pth_to_hf
+from backend.runs import list_runs
 
-from .context import StudioContext, StudioError
+from .context import USER_ERRORS, StudioContext, StudioError, bind, error_md
 
 GPU = "gpu"  # concurrency group of the handlers that load models
 
@@ -20,13 +26,69 @@ def _quiet(*_):
 
 
 def runs_with_checkpoints(ctx: StudioContext) -> list[str]:
-    return [r["name"] for r in list_runs(ctx.work_dir) if iter_files(r["run_dir"])]
+    return [r["name"] for r in list_runs(ctx.work_dir) if RunDir(r["run_dir"]).iters()]
 
 
 def checkpoint_choices(ctx: StudioContext, run: str | None) -> list[str]:
-    if not run:
+    try:
+        return [p.name for _, p in reversed(ctx.guard.run(run).iters())]  # newest first
+    except USER_ERRORS:
         return []
-    return [p.name for _, p in reversed(iter_files(ctx.work_dir / run))]  # newest first
+
+
+def on_refresh(ctx: StudioContext, current):
+    names = runs_with_checkpoints(ctx)
+    return gr.update(choices=names, value=current if current in names else (names[0] if names else None))
+
+
+def on_run(ctx: StudioContext, name):
+    choices = checkpoint_choices(ctx, name)
+    return gr.update(choices=choices, value=choices[0] if choices else None)
+
+
+def on_ckpt(ctx: StudioContext, name, pth):
+    try:
+        path = ctx.guard.checkpoint(ctx.guard.run(name), pth)
+    except USER_ERRORS:
+        return "", ""
+    return str(converted_dir(path)), str(merged_dir(path))
+
+
+def do_convert(ctx: StudioContext, name, pth, out, overwrite=False, progress=gr.Progress()):
+    if not name or not pth:
+        return "Pick a run and a checkpoint.", gr.skip()
+    try:
+        path = ctx.guard.checkpoint(ctx.guard.run(name), pth)
+        target = ctx.guard.output_dir(out)
+        progress(0.2, desc="converting")
+        pth_to_hf(path, target, overwrite=bool(overwrite), trust_remote_code=ctx.allow_custom_code, guard=ctx.guard,
+                  log=_quiet)
+        meta = read_meta(target)
+    except USER_ERRORS as exc:
+        return error_md(exc), gr.skip()
+    if meta.get("kind") == "full":
+        return (f"OK: Saved the full model to `{target}` (template {meta['template']}). It is a complete model: "
+                "nothing to merge; chat with it in **Chat**."), gr.skip()
+    return (f"OK: Saved the {meta['kind']} adapter to `{target}` (base {meta['base_model']}, template "
+            f"{meta['template']})."), meta.get("base_model", "")
+
+
+def do_merge(ctx: StudioContext, adapter, base_name, out, overwrite=False, progress=gr.Progress()):
+    try:
+        adapter = ctx.guard.model(adapter, "adapter")
+        if not adapter:
+            raise StudioError("convert a checkpoint first: merge takes the adapter folder it wrote")
+        target = ctx.guard.output_dir(out)
+        base_name = base_name or recorded_base(adapter) or ""
+        if not base_name:
+            raise StudioError("give the base model the adapter was trained on")
+        progress(0.2, desc="loading base + adapter, checking parity")
+        record = merge(base_name, adapter, target, overwrite=bool(overwrite), trust_remote_code=ctx.allow_custom_code,
+                       guard=ctx.guard, log=_quiet)
+    except USER_ERRORS as exc:
+        return error_md(exc)
+    return (f"OK: Merged into `{target}`.  \nParity: max |logit difference| merged vs base + adapter = "
+            f"**{record['parity_max_abs_diff']:.3g}** (tolerance 1e-3 relative)")
 
 
 def build(ctx: StudioContext):
@@ -34,12 +96,15 @@ def build(ctx: StudioContext):
                 "otherwise), then merge an adapter into its base. Merging checks that the merged model gives "
                 "the same logits as base + adapter before it writes anything.")
     with gr.Row():
-        run = gr.Dropdown(choices=runs_with_checkpoints(ctx), label="Run", allow_custom_value=True, scale=3, elem_id="export-run")
+        run = gr.Dropdown(choices=runs_with_checkpoints(ctx), label="Run", allow_custom_value=True, scale=3,
+                          elem_id="export-run")
         ckpt = gr.Dropdown(choices=[], label="Checkpoint", allow_custom_value=True, scale=2, elem_id="export-ckpt")
         refresh = gr.Button("↻", scale=0, elem_id="export-refresh")
     with gr.Row():
         hf_out = gr.Textbox(label="Convert to", scale=4, elem_id="export-hf-out",
-                            info="a folder under the work directory")
+                            info="a new folder under the work directory")
+        overwrite = gr.Checkbox(value=False, label="Overwrite", scale=0, elem_id="export-overwrite",
+                                info="replace our own earlier export there")
         convert_btn = gr.Button("Convert to HF", variant="primary", scale=1, elem_id="export-convert")
     convert_msg = gr.Markdown(elem_id="export-convert-msg")
     with gr.Row():
@@ -49,55 +114,11 @@ def build(ctx: StudioContext):
         merge_btn = gr.Button("Merge", variant="primary", scale=1, elem_id="export-merge")
     merge_msg = gr.Markdown(elem_id="export-merge-msg")
 
-    def on_refresh(current):
-        names = runs_with_checkpoints(ctx)
-        return gr.update(choices=names, value=current if current in names else (names[0] if names else None))
-
-    def on_run(name):
-        choices = checkpoint_choices(ctx, name)
-        return gr.update(choices=choices, value=choices[0] if choices else None)
-
-    def on_ckpt(name, pth):
-        if not name or not pth:
-            return "", ""
-        hf = hf_dir_for(ctx.work_dir / name / pth)
-        return str(hf), str(hf.parent.parent / "merged" / hf.name)
-
-    def do_convert(name, pth, out, progress=gr.Progress()):
-        if not name or not pth:
-            return "Pick a run and a checkpoint.", gr.skip()
-        try:
-            out = ctx.check_output(out, "output folder")
-            progress(0.2, desc="converting")
-            pth_to_hf(ctx.work_dir / name / pth, out, log=_quiet)
-            meta = read_meta(out)
-        except (ExportError, StudioError, ValueError, OSError, KeyError) as exc:
-            return f"**Error:** {exc}", gr.skip()
-        if meta.get("kind") == "full":
-            return (f"OK: Saved the full model to `{out}` (template {meta['template']}). It is a complete model: "
-                    "nothing to merge; chat with it in **Chat**."), gr.skip()
-        return (f"OK: Saved the {meta['kind']} adapter to `{out}` (base {meta['base_model']}, template "
-                f"{meta['template']})."), meta.get("base_model", "")
-
-    def do_merge(adapter, base_name, out, progress=gr.Progress()):
-        try:
-            adapter = ctx.check_path(adapter, "adapter", must_exist=True)
-            out = ctx.check_output(out, "output folder")
-            base_name = ctx.check_path(base_name or read_meta(adapter).get("base_model") or "", "base model")
-            if not base_name:
-                raise StudioError("give the base model the adapter was trained on")
-            progress(0.2, desc="loading base + adapter, checking parity")
-            record = merge(base_name, adapter, out, log=_quiet)
-        except (ExportError, StudioError, ValueError, OSError) as exc:
-            return f"**Error:** {exc}"
-        return (f"OK: Merged into `{out}`.  \nParity: max |logit difference| merged vs base + adapter = "
-                f"**{record['parity_max_abs_diff']:.3g}** (tolerance 1e-3 relative)")
-
-    refresh.click(on_refresh, run, run)
-    run.change(on_run, run, ckpt)
-    ckpt.change(on_ckpt, [run, ckpt], [hf_out, merged_out])
-    convert_btn.click(do_convert, [run, ckpt, hf_out], [convert_msg, base], api_name="export_convert",
-                      concurrency_id=GPU, concurrency_limit=1)
-    merge_btn.click(do_merge, [hf_out, base, merged_out], merge_msg, api_name="export_merge",
+    refresh.click(bind(on_refresh, ctx), run, run)
+    run.change(bind(on_run, ctx), run, ckpt)
+    ckpt.change(bind(on_ckpt, ctx), [run, ckpt], [hf_out, merged_out])
+    convert_btn.click(bind(do_convert, ctx), [run, ckpt, hf_out, overwrite], [convert_msg, base],
+                      api_name="export_convert", concurrency_id=GPU, concurrency_limit=1)
+    merge_btn.click(bind(do_merge, ctx), [hf_out, base, merged_out, overwrite], merge_msg, api_name="export_merge",
                     concurrency_id=GPU, concurrency_limit=1)
-    return run, on_refresh
+    return run, bind(on_refresh, ctx)

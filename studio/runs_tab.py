@@ -16,13 +16,12 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
-from backend.config import load_config
+from backend.config import guard_config, load_config
+from backend.core.rundir import JsonlTail, RunDir, effective_status, summarize, tail_text
 from backend.launch import start_detached
-from backend.runs import (
-    JsonlTail, abort, active_runs, effective_status, latest_checkpoint, list_runs, tail_text,
-)
+from backend.runs import abort, active_runs, list_runs
 
-from .context import StudioContext
+from .context import USER_ERRORS, StudioContext, bind, error_md
 
 POLL_S = 1.5  # seconds between looks at the run folders: metric -> curve in <= ~2 s, studio CPU < 5%
 CURVES = (("loss", "Loss"), ("lr", "Learning rate"), ("grad_norm", "Grad norm"))
@@ -38,14 +37,8 @@ def tail(path: Path) -> JsonlTail:
     return _tails[key]
 
 
-def metrics(run_dir: Path) -> list[dict]:
-    return tail(run_dir / "metrics.jsonl").read()[0]
-
-
-def speed(rows: list[dict]) -> float | None:
-    """Tokens/s over the recent steps (one step's figure jumps around)."""
-    recent = sorted(r["tokens_per_s"] for r in rows[-20:] if r.get("tokens_per_s"))
-    return recent[len(recent) // 2] if recent else None
+def metrics(run: RunDir) -> list[dict]:
+    return tail(run.metrics_file).read()[0]
 
 
 def _short_time(stamp: str | None) -> str:
@@ -56,50 +49,98 @@ def runs_table(ctx: StudioContext) -> tuple[list[dict], pd.DataFrame]:
     runs = list_runs(ctx.work_dir)
     rows = []
     for r in runs:
-        m = metrics(Path(r["run_dir"]))
-        last = m[-1] if m else {}
-        rows.append([r["name"], r.get("state", "?"), r.get("config", ""), r.get("method", ""),
+        s = summarize(r, metrics(RunDir(r["run_dir"])))
+        rows.append([r["name"], s.state, r.get("config", ""), r.get("method", ""),
                      _short_time(r.get("started")), _short_time(r.get("ended")),
-                     f"{last.get('step', '')}/{last.get('max_steps', '')}" if last else "",
-                     f"{last['loss']:.4f}" if last.get("loss") is not None else "",
-                     f"{speed(m):,.0f}" if speed(m) else ""])
+                     f"{s.step}/{s.max_steps or ''}" if s.step is not None else "",
+                     f"{s.loss:.4f}" if s.loss is not None else "",
+                     f"{s.tokens_per_s:,.0f}" if s.tokens_per_s else ""])
     return runs, pd.DataFrame(rows, columns=TABLE_HEADERS)
 
 
-def curves(ctx: StudioContext, names: list[str]) -> dict[str, pd.DataFrame]:
+def selected_runs(ctx: StudioContext, names) -> list[RunDir]:
+    """The runs a caller named that are runs of this studio (anything else is dropped)."""
+    out = []
+    for name in names or []:
+        try:
+            out.append(ctx.guard.run(name))
+        except USER_ERRORS:
+            continue
+    return out
+
+
+def curves(runs: list[RunDir]) -> dict[str, pd.DataFrame]:
     frames = {key: [] for key, _ in CURVES}
-    for name in names:
-        for row in metrics(ctx.work_dir / name):
+    for run in runs:
+        for row in metrics(run):
             for key, _ in CURVES:
                 if row.get(key) is not None:
-                    frames[key].append((row["step"], float(row[key]), name))
+                    frames[key].append((row["step"], float(row[key]), run.name))
     return {key: pd.DataFrame(rows, columns=["step", key, "run"]) for key, rows in frames.items()}
 
 
-def summary_md(ctx: StudioContext, name: str) -> str:
-    run_dir = ctx.work_dir / name
-    st = effective_status(run_dir)
-    m = metrics(run_dir)
-    parts = [f"**{name}** · {st.get('state', '?')}"]
+def summary_md(run: RunDir) -> str:
+    st = effective_status(run)
+    s = summarize(st, metrics(run))
+    parts = [f"**{run.name}** · {s.state}"]
     if st.get("world_size"):
         parts.append(f"{st['world_size']} process{'es' if st['world_size'] > 1 else ''}"
+                     + (f" on {st['nnodes']} nodes" if (st.get("nnodes") or 1) > 1 else "")
                      + (f", {st['deepspeed']}" if st.get("deepspeed") else ""))
-    if m:
-        last = m[-1]
-        parts.append(f"step {last['step']}/{last.get('max_steps', '?')}")
-        if speed(m):
-            parts.append(f"{speed(m):,.0f} tokens/s")
-        if last.get("elapsed_s") is not None:
-            parts.append(f"{last['elapsed_s']:,.0f} s elapsed")
-            if st.get("state") == "running" and last.get("max_steps") and last["step"]:
-                left = last["elapsed_s"] / last["step"] * (last["max_steps"] - last["step"])
-                parts.append(f"about {left:,.0f} s left")
+    if s.step is not None:
+        parts.append(f"step {s.step}/{s.max_steps or '?'}")
+    if s.tokens_per_s:
+        parts.append(f"{s.tokens_per_s:,.0f} tokens/s")
+    if s.elapsed_s is not None:
+        parts.append(f"{s.elapsed_s:,.0f} s elapsed")
+    if s.left_s is not None:
+        parts.append(f"about {s.left_s:,.0f} s left")
+    parts += s.notes
     text = " · ".join(parts)
-    if st.get("state") == "failed":
-        text += f"\n\n**Error:** `{st.get('error') or 'see train.log'}`"
+    if s.error:
+        text += f"\n\n**Error:** `{s.error}`"
     if st.get("resumed_from"):
         text += f"\n\nresumed from `{st['resumed_from']}`"
     return text
+
+
+def do_abort(ctx: StudioContext, names):
+    runs = selected_runs(ctx, names)
+    if not runs:
+        return "Select a run first."
+    return "  \n".join(abort(run, ctx.guard, by="the studio")[1] for run in runs)
+
+
+def do_resume(ctx: StudioContext, names):
+    runs = selected_runs(ctx, names)
+    if not runs:
+        return "Select a run first."
+    run = runs[0]
+    st = effective_status(run)
+    if st.get("state") in ("running", "queued"):
+        return f"**{run.name}** is still {st['state']}."
+    if st.get("state") == "finished":
+        return f"**{run.name}** has finished; nothing to resume."
+    busy = active_runs(ctx.work_dir)
+    if busy:
+        return f"**Error:** run **{busy[0]['name']}** is {busy[0]['state']}; one run at a time."
+    if run.latest_checkpoint() is None:
+        return f"**Error:** **{run.name}** has no complete checkpoint to resume from (it stopped before the first save)."
+    shape = run.launch()
+    if shape.get("launcher") == "slurm":
+        return (f"**Error:** **{run.name}** ran under Slurm; resume it the same way: "
+                f"`srun ... ftstudio train {run.config_file} --launcher slurm --work-dir {run.path} --resume`")
+    try:
+        cfg = guard_config(ctx.guard, load_config(run.config_file))  # a CLI run may hold what this studio forbids
+        ctx.reap()
+        ctx.children.append(start_detached(cfg, run.path, resume=True))
+    except USER_ERRORS as exc:
+        return error_md(exc)
+    said = f"resuming **{run.name}** from its latest checkpoint, as it was launched"
+    if (shape.get("nnodes") or 1) > 1:
+        said += (f"; on nodes 1..{shape['nnodes'] - 1} run: `NODE_RANK=<n> ... ftstudio train {run.config_file} "
+                 f"--work-dir {run.path} --resume`")
+    return said
 
 
 @dataclass
@@ -142,33 +183,33 @@ def build(ctx: StudioContext) -> RunsTab:
 
     def refresh(names, shown):
         ctx.reap()
-        runs, df = runs_table(ctx)
+        shown = shown if isinstance(shown, dict) else {}
+        _, df = runs_table(ctx)
         out = {}
         sig = df.to_json()
         out[table] = df if shown.get("table") != sig else gr.skip()
         shown["table"] = sig
-        names = [n for n in (names or []) if (ctx.work_dir / n).is_dir()]
-        curve_sig = tuple((n, len(metrics(ctx.work_dir / n))) for n in names)
+        runs = selected_runs(ctx, names)
+        curve_sig = tuple((r.name, len(metrics(r))) for r in runs)
         if shown.get("curves") != curve_sig:
             shown["curves"] = curve_sig
-            frames = curves(ctx, names)
+            frames = curves(runs)
             for key, _ in CURVES:
                 out[plots[key]] = frames[key]
         else:
             for key, _ in CURVES:
                 out[plots[key]] = gr.skip()
-        first = names[0] if names else None
-        text = summary_md(ctx, first) if first else "Select a run."
+        first = runs[0] if runs else None
+        text = summary_md(first) if first else "Select a run."
         out[summary] = text if shown.get("summary") != text else gr.skip()
         shown["summary"] = text
         if first:
-            run_dir = ctx.work_dir / first
-            log_path = run_dir / "train.log" if (run_dir / "train.log").exists() else run_dir / "launcher.log"
-            log_sig = (first, log_path.stat().st_size if log_path.exists() else 0)
+            log_path = first.log_file()
+            log_sig = (first.name, log_path.stat().st_size if log_path.exists() else 0)
             out[log] = tail_text(log_path, 12000) if shown.get("log") != log_sig else gr.skip()
             shown["log"] = log_sig
-            rows = tail(run_dir / "samples.jsonl").read()[0]
-            s_sig = (first, len(rows))
+            rows = tail(first.samples_file).read()[0]
+            s_sig = (first.name, len(rows))
             out[samples] = (pd.DataFrame([[r["step"], r["input"], r["output"]] for r in rows[-20:]],
                                          columns=["step", "input", "output"])
                             if shown.get("samples") != s_sig else gr.skip())
@@ -184,38 +225,6 @@ def build(ctx: StudioContext) -> RunsTab:
     timer.tick(refresh, [selected, seen], outputs, show_progress="hidden", api_name="runs_refresh", queue=False)
     selected.change(refresh, [selected, seen], outputs, show_progress="hidden")
 
-    def do_abort(names):
-        if not names:
-            return "Select a run first."
-        said = []
-        for name in names:
-            ok = abort(ctx.work_dir / name)
-            said.append(f"asked **{name}** to stop; it saves nothing more and ends as aborted at the next step"
-                        if ok else f"**{name}** is not running")
-        return "  \n".join(said)
-
-    def do_resume(names):
-        if not names:
-            return "Select a run first."
-        name = names[0]
-        run_dir = ctx.work_dir / name
-        st = effective_status(run_dir)
-        if st.get("state") in ("running", "queued"):
-            return f"**{name}** is still {st['state']}."
-        if st.get("state") == "finished":
-            return f"**{name}** has finished; nothing to resume."
-        busy = active_runs(ctx.work_dir)
-        if busy:
-            return f"**Error:** run **{busy[0]['name']}** is {busy[0]['state']}; one run at a time."
-        if latest_checkpoint(run_dir) is None:
-            return f"**Error:** **{name}** has no complete checkpoint to resume from (it stopped before the first save)."
-        world = int(st.get("world_size") or 1)
-        env = {"NPROC_PER_NODE": str(world)} if world > 1 else {}
-        ctx.reap()
-        ctx.children.append(start_detached(load_config(run_dir / "config.yaml"), run_dir, resume=True,
-                                           deepspeed=st.get("deepspeed"), env=env))
-        return f"resuming **{name}** from its latest checkpoint"
-
-    abort_btn.click(do_abort, selected, action_msg, api_name="runs_abort")
-    resume_btn.click(do_resume, selected, action_msg, api_name="runs_resume", concurrency_id="launch")
+    abort_btn.click(bind(do_abort, ctx), selected, action_msg, api_name="runs_abort")
+    resume_btn.click(bind(do_resume, ctx), selected, action_msg, api_name="runs_resume", concurrency_id="launch")
     return RunsTab(selected, seen)

@@ -5,7 +5,6 @@ a memory estimate, and Launch / Save / Load."""
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,12 +12,16 @@ from pathlib import Path
 import gradio as gr
 import yaml
 
-from backend.config import SECTIONS, Config, ConfigError, from_dict, list_recipes, load_config, schema, set_field
-from backend.launch import DEEPSPEED_NAMES, start_detached
+from backend.config import (
+    SECTIONS, Config, ConfigError, from_dict, guard_field, list_recipes, load_config, schema, set_field,
+)
+from backend.core.atomic import write_text
+from backend.core.rundir import CONFIGS, effective_status
+from backend.launch import DEEPSPEED_NAMES, LaunchError, LaunchSpec, start_detached
 from backend.memory import estimate_for
-from backend.runs import active_runs, effective_status
+from backend.runs import active_runs
 
-from .context import StudioContext, StudioError
+from .context import USER_ERRORS, StudioContext, StudioError, error_md
 
 FIELDS = schema()
 OPEN_SECTIONS = ("model", "data", "training")
@@ -26,7 +29,6 @@ SECTION_TITLES = {
     "model": "Model", "data": "Data", "training": "Training", "lora": "LoRA (method lora / qlora)",
     "quantization": "Quantization (method qlora)", "saving": "Saving", "evaluation": "Evaluation samples",
 }
-PATH_FIELDS = {"model.name_or_path": "model", "model.tokenizer": "tokenizer", "data.path": "dataset"}
 LINES_FIELDS = {"evaluation.inputs"}  # lists typed one item per line
 NO_DEEPSPEED = "none"
 DEFAULT_RECIPE = "tiny_demo"  # the bundled demo: trains on a CPU in under a minute
@@ -74,20 +76,14 @@ def from_ui(f: dict, raw):
 
 def form_to_config(ctx: StudioContext, name: str, values: list) -> tuple[Config | None, dict[str, str], str]:
     """(config or None, {field key: error}, cross-field error)."""
-    data: dict = {"name": (name or "run").strip()}
+    data: dict = {"name": str(name or "run").strip()}
     errors: dict[str, str] = {}
     for f, raw in zip(FIELDS, values):
         try:
             value = from_ui(f, raw)
-            if f["key"] in PATH_FIELDS and value:
-                value = ctx.check_path(value, PATH_FIELDS[f["key"]])
-            if f["key"] == "data.map_fn" and value:
-                ctx.check_map_fn(value)
-            if f["key"] == "model.trust_remote_code" and value and not ctx.allow_custom_code:
-                raise StudioError("the model's own code would run on this server; restart the studio with "
-                                  "--allow-custom-code to allow it")
             set_field(SECTIONS[f["section"]](), f["section"], f["name"], value, source="form")
-        except (ValueError, ConfigError) as exc:
+            value = guard_field(ctx.guard, f["key"], value)  # paths resolved, code only if allowed
+        except (ValueError, TypeError, AttributeError) as exc:  # ConfigError, GuardError; any value via the API
             errors[f["key"]] = str(exc).removeprefix("form: ")
             continue
         data.setdefault(f["section"], {})[f["name"]] = value
@@ -106,24 +102,44 @@ def config_values(cfg: Config) -> list:
     return [to_ui(f, d[f["section"]][f["name"]]) for f in FIELDS]
 
 
-def launch_env(nproc: int, nnodes: int, addr: str, port) -> dict:
-    env = {}
-    if nproc > 1 or nnodes > 1:
-        env["NPROC_PER_NODE"] = str(nproc)
-    if nnodes > 1:
-        env.update(NNODES=str(nnodes), NODE_RANK="0", ADDR=addr or "127.0.0.1", PORT=str(int(port or 29500)))
-    return env
+def launch_spec(nproc, nnodes, addr, port) -> LaunchSpec:
+    """The launch shape the form asks for (LaunchError naming what is wrong)."""
+    try:
+        nproc, nnodes = int(nproc or 1), int(nnodes or 1)
+        port = int(port or 29500)
+    except (TypeError, ValueError):
+        raise LaunchError("processes per node, nodes and port must be whole numbers") from None
+    addr = str(addr or "127.0.0.1").strip()
+    if not addr.replace(".", "").replace("-", "").replace(":", "").replace("_", "").isalnum():
+        raise LaunchError(f"node 0 address {addr!r}: give a host name or an IP address")
+    spec = LaunchSpec(nproc_per_node=nproc, nnodes=nnodes, addr=addr, port=port if nnodes > 1 else None)
+    spec.check()
+    return spec
 
 
-def command_text(ctx: StudioContext, cfg: Config, deepspeed: str | None, env: dict) -> str:
-    config_file = ctx.work_dir / "configs" / f"{cfg.name}.yaml"
+def deepspeed_choice(name) -> str | None:
+    """The form's DeepSpeed choice: a shipped config or none (files are for the command line)."""
+    if name in (None, "", NO_DEEPSPEED):
+        return None
+    if name not in DEEPSPEED_NAMES:
+        raise LaunchError(f"DeepSpeed {name!r}: pick one of {', '.join(DEEPSPEED_NAMES)}")
+    return name
+
+
+def command_text(ctx: StudioContext, cfg: Config, deepspeed: str | None, spec: LaunchSpec,
+                 run_dir: Path | None = None) -> str:
+    """The ``ftstudio train`` command of every node; other nodes need the run folder node 0 uses."""
+    config_file = ctx.work_dir / CONFIGS / f"{cfg.name}.yaml"
     args = f"ftstudio train {config_file}" + (f" --deepspeed {deepspeed}" if deepspeed else "")
+    if run_dir is not None:
+        args += f" --work-dir {run_dir}"
+    env = spec.to_env()
     lines = [" ".join([*(f"{k}={v}" for k, v in env.items()), args])]
-    nnodes = int(env.get("NNODES", 1))
-    if nnodes > 1:
-        lines.append(f"# then on node 1..{nnodes - 1}, with the same files at the same paths:")
+    if spec.nnodes > 1:
+        where = "" if run_dir else " (Launch names the run folder they must share)"
+        lines.append(f"# then on node 1..{spec.nnodes - 1}, with the same files at the same paths{where}:")
         lines += [" ".join([*(f"{k}={v if k != 'NODE_RANK' else r}" for k, v in env.items()), args])
-                  for r in range(1, nnodes)]
+                  for r in range(1, spec.nnodes)]
     return "\n".join(lines)
 
 
@@ -181,7 +197,7 @@ def _component(f: dict, ctx: StudioContext, value):
 
 
 def saved_configs(ctx: StudioContext) -> list[str]:
-    root = ctx.work_dir / "configs"
+    root = ctx.work_dir / CONFIGS
     return sorted(str(p) for p in root.glob("*.yaml")) if root.is_dir() else []
 
 
@@ -233,25 +249,29 @@ def build(ctx: StudioContext) -> TrainTab:
             msg = general or f"! {len(errors)} field{'s' if len(errors) > 1 else ''} to fix: " + \
                 "; ".join(errors[k] for k in errors)
             return [f"**Error:** {msg}", gr.skip(), gr.skip(), gr.skip(), *updates]
-        ds = None if ds_name == NO_DEEPSPEED else ds_name
-        env = launch_env(int(n_proc or 1), int(n_nodes or 1), a, p)
-        world = int(n_proc or 1) * int(n_nodes or 1)
-        return ["OK: config is valid", cfg.to_yaml(), command_text(ctx, cfg, ds, env), memory_md(cfg, ds, world),
-                *updates]
+        try:
+            ds, spec = deepspeed_choice(ds_name), launch_spec(n_proc, n_nodes, a, p)
+        except LaunchError as exc:
+            return [error_md(exc), gr.skip(), gr.skip(), gr.skip(), *updates]
+        return ["OK: config is valid", cfg.to_yaml(), command_text(ctx, cfg, ds, spec),
+                memory_md(cfg, ds, spec.world_size), *updates]
 
     check_inputs = [name, deepspeed, nproc, nnodes, addr, port, *field_list]
     check_outputs = [problems, yaml_view, command, memory, *field_list]
 
     def on_recipe(choice):
         try:
-            cfg = load_config(choice)
-        except (ConfigError, OSError) as exc:
-            return [f"**Error:** {exc}", gr.skip(), *[gr.skip()] * len(FIELDS)]
+            cfg = load_config(config_source(ctx, choice))
+        except USER_ERRORS as exc:
+            return [error_md(exc), gr.skip(), *[gr.skip()] * len(FIELDS)]
         return ["", cfg.name, *config_values(cfg)]
 
     def on_upload(file):
-        path = ctx.save_upload(file if isinstance(file, str) else file.name)
-        return on_recipe(path)
+        try:
+            path = ctx.guard.save_upload(file if isinstance(file, str) else file.name)
+        except (*USER_ERRORS, AttributeError) as exc:
+            return [error_md(exc), gr.skip(), *[gr.skip()] * len(FIELDS)]
+        return on_recipe(str(path))
 
     recipe.input(on_recipe, recipe, [problems, name, *field_list]).then(check, check_inputs, check_outputs)
     load_up.upload(on_upload, load_up, [problems, name, *field_list]).then(check, check_inputs, check_outputs)
@@ -262,7 +282,10 @@ def build(ctx: StudioContext) -> TrainTab:
         cfg, errors, general = form_to_config(ctx, run_name, list(values))
         if cfg is None:
             return f"**Error:** not saved: {general or '; '.join(errors.values())}", gr.skip(), gr.skip()
-        path = _write_config(ctx, cfg)
+        try:
+            path = _write_config(ctx, cfg)
+        except OSError as exc:
+            return error_md(exc), gr.skip(), gr.skip()
         return (f"Saved {path}", gr.update(value=str(path), visible=True),
                 gr.update(choices=list_recipes() + saved_configs(ctx)))
 
@@ -276,29 +299,34 @@ def build(ctx: StudioContext) -> TrainTab:
         if busy:
             return (f"**Error:** not launched: run **{busy[0]['name']}** is {busy[0]['state']} on this machine's GPUs. "
                     "One run at a time: wait for it to finish or abort it in Runs, then launch again."), ""
-        ds = None if ds_name == NO_DEEPSPEED else ds_name
-        env = launch_env(int(n_proc or 1), int(n_nodes or 1), a, p)
-        _write_config(ctx, cfg)
-        run_dir = ctx.work_dir / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-        ctx.reap()
-        ctx.children.append(start_detached(cfg, run_dir, deepspeed=ds, env=env))
-        return f"started **{run_dir.name}**: checking the model and the data…", run_dir.name
+        try:
+            ds, spec = deepspeed_choice(ds_name), launch_spec(n_proc, n_nodes, a, p)
+            _write_config(ctx, cfg)
+            run = ctx.guard.new_run(f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+            ctx.reap()
+            ctx.children.append(start_detached(cfg, run.path, deepspeed=ds, spec=spec))
+        except USER_ERRORS as exc:
+            return f"**Error:** not launched: {exc}", ""
+        said = f"started **{run.name}**: checking the model and the data…"
+        if spec.nnodes > 1:
+            said += f"\n\n```\n{command_text(ctx, cfg, ds, spec, run.path)}\n```"
+        return said, run.name
 
     def wait_start(run_name, timeout: float = 300):
         """Follow the new run until its preflight passes or fails, then say so."""
-        if not run_name:
+        try:
+            run = ctx.guard.run(run_name)
+        except USER_ERRORS:
             return gr.skip()
-        run_dir = ctx.work_dir / run_name
         deadline = time.time() + timeout
         while time.time() < deadline:
-            st = effective_status(run_dir)
-            if st.get("state") != "queued":
+            if effective_status(run).get("state") != "queued":
                 break
             time.sleep(0.5)
-        st = effective_status(run_dir)
+        st = effective_status(run)
         if st.get("state") == "failed":
-            return f"**Error:** **{run_name}** failed before training: {st.get('error')}"
-        return f"OK: **{run_name}** is {st.get('state')}: see **Runs** for the live curves."
+            return f"**Error:** **{run.name}** failed before training: {st.get('error')}"
+        return f"OK: **{run.name}** is {st.get('state')}: see **Runs** for the live curves."
 
     launched = launch.click(do_launch, check_inputs, [launch_msg, launched_run], api_name="train_launch",
                             concurrency_id="launch", concurrency_limit=1)
@@ -307,10 +335,17 @@ def build(ctx: StudioContext) -> TrainTab:
 
 
 def _write_config(ctx: StudioContext, cfg: Config) -> Path:
-    root = ctx.work_dir / "configs"
+    root = ctx.work_dir / CONFIGS
     root.mkdir(parents=True, exist_ok=True)
-    path = root / f"{cfg.name}.yaml"
-    tmp = root / f".{cfg.name}.yaml.part"
-    tmp.write_text(cfg.to_yaml(), encoding="utf-8")
-    os.replace(tmp, path)
+    return write_text(root / f"{cfg.name}.yaml", cfg.to_yaml())
+
+
+def config_source(ctx: StudioContext, choice) -> str:
+    """A recipe name, or a YAML file this studio may read (a saved config, an upload)."""
+    choice = str(choice or "").strip()
+    if choice in list_recipes():
+        return choice
+    path = ctx.guard.readable(choice, "config", must_exist=True, hub=False)
+    if not path or Path(path).suffix not in (".yaml", ".yml") or not Path(path).is_file():
+        raise StudioError(f"config {choice!r}: pick a recipe, or a .yaml file saved or uploaded here")
     return path

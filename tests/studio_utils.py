@@ -47,10 +47,11 @@ def running_studio(work_dir: Path, *args: str, timeout: float = 180):
                 time.sleep(0.3)
         yield url, proc
     finally:
+        from backend.core.rundir import RunDir
         from backend.runs import abort, active_runs
 
         for run in active_runs(work_dir):  # runs outlive the studio by design; not a test's
-            abort(run["run_dir"])
+            abort(RunDir(run["run_dir"]))
         proc.terminate()
         try:
             proc.wait(timeout=20)

@@ -5,7 +5,7 @@ never interrupted."""
 import subprocess
 import time
 
-from backend.runs import checkpoints, read_jsonl
+from backend.core.rundir import RunDir, read_jsonl
 from train_utils import FTSTUDIO, ftstudio, metrics, status
 
 ARGS = ["tiny_demo", "training.max_steps=60", "saving.save_steps=10", "saving.save_total_limit=-1",
@@ -36,7 +36,7 @@ def test_abort_then_resume_matches_uninterrupted(tmp_path, tiny_model):
     assert st["state"] == "aborted", st
     stopped_at = metrics(run_dir)[-1]["step"]
     assert stopped_at < 60
-    done = checkpoints(run_dir)
+    done = RunDir(run_dir).checkpoints()
     assert done and done[-1][0] <= stopped_at
     last_ckpt = done[-1][0]
     assert (run_dir / f"iter_{last_ckpt}.pth").exists()

@@ -11,7 +11,7 @@ import subprocess
 import pytest
 import torch
 
-from backend.runs import iter_files
+from backend.core.rundir import RunDir
 from train_utils import FTSTUDIO, ftstudio, metrics, status
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -36,7 +36,7 @@ def check_run(run_dir, world_size, min_drop=0.3):
     log = (run_dir / "train.log").read_text()
     for rank in range(world_size):
         assert f"[rank {rank}/{world_size}]" in log  # every rank wrote its own lines into train.log
-    step, path = iter_files(run_dir)[-1]
+    step, path = RunDir(run_dir).iters()[-1]
     ckpt = torch.load(path, weights_only=True)
     assert ckpt["state_dict"] and all(v.numel() > 0 for v in ckpt["state_dict"].values())
     return rows

@@ -11,7 +11,7 @@ import subprocess
 import pytest
 import torch
 
-from backend.runs import iter_files
+from backend.core.rundir import RunDir
 from conftest import DATA, STORIES_MODEL
 from train_utils import FTSTUDIO, ftstudio
 
@@ -36,7 +36,7 @@ def lora_run(tmp_path_factory):
                    "training.micro_batch_size=1", "saving.save_steps=1000", "evaluation.inputs=[]",
                    "--work-dir", root / "run", "--quiet", cwd=root, timeout=900)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    return root, iter_files(root / "run")[-1][1]
+    return root, RunDir(root / "run").iters()[-1][1]
 
 
 def chat(*args, stdin: str, cwd):
@@ -95,7 +95,7 @@ def test_full_finetune_converts_to_a_loadable_model(tmp_path, tiny_model):
     out = ftstudio("train", "tiny_demo", "training.epochs=2", "evaluation.inputs=[]", "--work-dir", tmp_path / "run",
                    "--quiet", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
-    step, pth = iter_files(tmp_path / "run")[-1]
+    step, pth = RunDir(tmp_path / "run").iters()[-1]
     out = ftstudio("convert", "pth_to_hf", pth, tmp_path / "model", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     from transformers import AutoModelForCausalLM
@@ -114,7 +114,7 @@ def test_qlora_adapter_merges_onto_full_precision_base(tmp_path, tiny_model):
     out = ftstudio("train", "tiny_demo", "training.method=qlora", "training.epochs=2", "evaluation.inputs=[]",
                    "--work-dir", tmp_path / "run", "--quiet", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
-    pth = iter_files(tmp_path / "run")[-1][1]
+    pth = RunDir(tmp_path / "run").iters()[-1][1]
     assert ftstudio("convert", "pth_to_hf", pth, tmp_path / "adapter", cwd=tmp_path).returncode == 0
     out = ftstudio("convert", "merge", "demo", tmp_path / "adapter", tmp_path / "merged", cwd=tmp_path)
     assert out.returncode == 0, out.stderr

@@ -5,7 +5,8 @@ import time
 
 from backend.config import load_config
 from backend.launch import start_detached
-from backend.runs import abort, effective_status, list_runs, read_jsonl
+from backend.core.rundir import RunDir, effective_status, read_jsonl
+from backend.runs import abort, list_runs
 
 
 def wait_for(predicate, timeout=300):
@@ -22,15 +23,15 @@ def test_start_follow_abort_resume(tmp_path, tiny_model):
     run_dir = tmp_path / "work_dirs" / "bg"
     proc = start_detached(cfg, run_dir)
     assert wait_for(lambda: len(read_jsonl(run_dir / "metrics.jsonl")) >= 25), (run_dir / "launcher.log").read_text()
-    assert effective_status(run_dir)["state"] == "running"
+    assert effective_status(RunDir(run_dir))["state"] == "running"
     assert [r["name"] for r in list_runs(tmp_path / "work_dirs")] == ["bg"]
-    assert abort(run_dir)
+    assert abort(RunDir(run_dir))[0]
     assert proc.wait(timeout=120) != 0
-    assert effective_status(run_dir)["state"] == "aborted"
+    assert effective_status(RunDir(run_dir))["state"] == "aborted"
     stopped = read_jsonl(run_dir / "metrics.jsonl")[-1]["step"]
     proc = start_detached(cfg, run_dir, resume=True)
     assert proc.wait(timeout=600) == 0, (run_dir / "launcher.log").read_text()[-3000:]
-    st = effective_status(run_dir)
+    st = effective_status(RunDir(run_dir))
     assert st["state"] == "finished" and st["resumed_from"]
     steps = [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl")]
     assert steps == list(range(1, 401)) and stopped < 400

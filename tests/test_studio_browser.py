@@ -11,7 +11,7 @@ import re
 import shutil
 from pathlib import Path
 
-from backend.runs import effective_status
+from backend.core.rundir import RunDir, effective_status
 
 from studio_utils import running_studio, wait_for
 
@@ -75,7 +75,7 @@ def test_walk_through_the_demo(tmp_path, tiny_model):
         loss_line = page.locator("#runs-loss svg g.mark-line path").first  # the drawn curve
         expect(loss_line).to_have_attribute("d", re.compile(r"(L[^L]+){10,}"))  # 10+ points joined
         expect(page.locator("#runs-log textarea")).to_have_value(re.compile(r"step \d+/600"))
-        assert wait_for(lambda: effective_status(work / run_name).get("state") in ("finished", "failed"),
+        assert wait_for(lambda: effective_status(RunDir(work / run_name)).get("state") in ("finished", "failed"),
                         timeout=600)
         expect(page.locator("#runs-summary")).to_contain_text("finished", timeout=30_000)
         expect(page.locator("#runs-summary")).to_contain_text("step 600/600")

@@ -14,7 +14,7 @@ import pytest
 from gradio_client import Client
 
 from backend.config import load_config
-from backend.runs import effective_status, latest_checkpoint, read_jsonl
+from backend.core.rundir import RunDir, effective_status, read_jsonl
 from studio.train_tab import config_values
 
 from conftest import DATA
@@ -98,17 +98,17 @@ def test_launch_follow_abort_resume_export_chat(studio):
     assert "running" in summary and "tokens/s" in summary
     assert "step " in log
 
-    assert wait_for(lambda: latest_checkpoint(run_dir), timeout=300)
+    assert wait_for(lambda: RunDir(run_dir).latest_checkpoint(), timeout=300)
     said = client.predict([run_name], api_name="/runs_abort")
     assert "asked" in said
-    assert wait_for(lambda: effective_status(run_dir).get("state") == "aborted", timeout=120)
+    assert wait_for(lambda: effective_status(RunDir(run_dir)).get("state") == "aborted", timeout=120)
     stopped = read_jsonl(run_dir / "metrics.jsonl")[-1]["step"]
     assert stopped < 600
 
     said = client.predict([run_name], api_name="/runs_resume")
     assert "resuming" in said
-    assert wait_for(lambda: effective_status(run_dir).get("state") in ("finished", "failed"), timeout=600)
-    st = effective_status(run_dir)
+    assert wait_for(lambda: effective_status(RunDir(run_dir)).get("state") in ("finished", "failed"), timeout=600)
+    st = effective_status(RunDir(run_dir))
     assert st["state"] == "finished", (run_dir / "train.log").read_text()[-3000:]
     steps = [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl")]
     assert steps[-1] == 600 and st["resumed_from"]
@@ -146,7 +146,7 @@ def test_failed_preflight_shows_as_a_failed_run(studio):
     cfg = load_config("tiny_demo", ["data.map_fn=alpaca"])  # the demo data has no alpaca columns
     msg, run_name = client.predict(*launch_args(cfg, "badmap"), api_name="/train_launch")
     assert run_name
-    st = wait_for(lambda: effective_status(work / run_name).get("state") == "failed" and effective_status(work / run_name),
+    st = wait_for(lambda: effective_status(RunDir(work / run_name)).get("state") == "failed" and effective_status(RunDir(work / run_name)),
                   timeout=120)
     assert st and "row 0" in st["error"] and "'output'" in st["error"] and "messages" in st["error"], st
 

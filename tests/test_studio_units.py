@@ -11,8 +11,9 @@ import sys
 import pytest
 
 from backend.config import list_recipes, load_config
-from backend.runs import JsonlTail, effective_status, tail_text, update_status
-from studio.context import StudioContext, StudioError
+from backend.core.guard import GuardError
+from backend.core.rundir import JsonlTail, RunDir, effective_status, tail_text
+from studio.context import StudioContext
 from studio.train_tab import FIELDS, config_values, form_to_config
 
 
@@ -43,20 +44,21 @@ def test_tail_text_keeps_whole_lines(tmp_path):
 
 def test_paths_are_confined(tmp_path):
     ctx = StudioContext(tmp_path / "work", allowed_paths=[tmp_path / "shared"])
+    guard = ctx.guard
     inside = ctx.work_dir / "data.jsonl"
-    assert ctx.check_path(str(inside), "dataset") == str(inside)
-    assert ctx.check_path("demo", "dataset") == "demo"
-    assert ctx.check_path("tatsu-lab/alpaca", "dataset") == "tatsu-lab/alpaca"  # a Hub id
-    assert ctx.check_path(str(tmp_path / "shared" / "x.json"), "dataset")
-    for bad in ("/etc/passwd", str(ctx.work_dir / ".." / "elsewhere.json"), "~/.ssh/id_rsa"):
-        with pytest.raises(StudioError, match="outside the folders"):
-            ctx.check_path(bad, "dataset")
-    with pytest.raises(StudioError, match="only inside the work directory"):
-        ctx.check_output("/tmp/out", "output folder")
-    assert ctx.check_output("exports/a", "output folder") == str(ctx.work_dir / "exports" / "a")
-    with pytest.raises(StudioError, match="--allow-custom-code"):
-        ctx.check_map_fn(str(ctx.work_dir / "my_map.py") + ":fn")
-    assert ctx.check_map_fn("alpaca") == "alpaca"
+    assert guard.readable(str(inside), "dataset") == str(inside)
+    assert guard.readable("demo", "dataset") == "demo"
+    assert guard.readable("tatsu-lab/alpaca", "dataset") == "tatsu-lab/alpaca"  # a Hub id
+    assert guard.readable(str(tmp_path / "shared" / "x.json"), "dataset")
+    for bad in ("/etc/passwd", str(ctx.work_dir / ".." / "elsewhere.json"), "~/.ssh/id_rsa", "../x.json"):
+        with pytest.raises(GuardError, match="outside the folders"):
+            guard.readable(bad, "dataset")
+    with pytest.raises(GuardError, match="only inside the work directory"):
+        guard.output_dir("/tmp/out", "output folder")
+    assert guard.output_dir("exports/a", "output folder") == ctx.work_dir / "exports" / "a"
+    with pytest.raises(GuardError, match="--allow-custom-code"):
+        guard.map_fn(str(ctx.work_dir / "my_map.py") + ":fn")
+    assert guard.map_fn("alpaca") == "alpaca"
 
 
 @pytest.mark.parametrize("recipe", list_recipes())
@@ -91,15 +93,18 @@ def test_form_errors_name_the_field(tmp_path):
 
 
 def test_queued_run_whose_launcher_died_reads_as_failed_with_its_error(tmp_path):
-    run = tmp_path / "run"
-    run.mkdir()
-    (run / "launcher.log").write_text("ftstudio train: error: data.path 'x.jsonl' does not exist\n")
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    import socket
+    from backend.core import procs
 
-    update_status(run, state="queued", pid=dead.pid, host=socket.gethostname())
+    run = RunDir(tmp_path / "run")
+    run.claim_new()
+    run.launcher_log.write_text("ftstudio train: error: data.path 'x.jsonl' does not exist\n")
+    dead = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    record = procs.capture(dead.pid).to_dict()
+    dead.kill()
+    dead.wait()
+    run.start("queued", launcher=record)
     st = effective_status(run)
     assert st["state"] == "failed" and "x.jsonl' does not exist" in st["error"]
-    update_status(run, pid=os.getpid())  # alive: still queued
+    assert run.status()["state"] == "failed"  # the correction is written back for everyone
+    run.start("queued", launcher=procs.self_record().to_dict())  # alive: still queued
     assert effective_status(run)["state"] == "queued"

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from backend.runs import checkpoints, iter_files
+from backend.core.rundir import RunDir
 from conftest import DATA, STORIES_MODEL
 from train_utils import ftstudio, metrics, status
 
@@ -46,9 +46,9 @@ def test_train_one_process(tmp_path, tiny_model, method):
     st = status(run_dir)
     assert st["state"] == "finished" and st["exit_code"] == 0 and st["ended"]
     rows = assert_learned(run_dir)
-    steps = [s for s, _ in iter_files(run_dir)]
+    steps = [s for s, _ in RunDir(run_dir).iters()]
     assert steps[-1] == rows[-1]["step"] and len(steps) <= 2  # save_total_limit 2
-    assert len(checkpoints(run_dir)) <= 2
+    assert len(RunDir(run_dir).checkpoints()) <= 2
     ckpt = torch.load(run_dir / f"iter_{steps[-1]}.pth", weights_only=True)
     meta = ckpt["meta"]
     assert meta["kind"] == method and meta["step"] == steps[-1]
@@ -70,7 +70,7 @@ def test_qlora_one_process(tmp_path):
                    "data.template=llama2_chat", *quick("evaluation.inputs=[]"), "--work-dir", run_dir, cwd=tmp_path)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert_learned(run_dir)
-    step = iter_files(run_dir)[-1][0]
+    step = RunDir(run_dir).iters()[-1][0]
     ckpt = torch.load(run_dir / f"iter_{step}.pth", weights_only=True)
     assert ckpt["meta"]["kind"] == "qlora" and all("lora_" in k for k in ckpt["state_dict"])
     assert status(run_dir)["state"] == "finished"

@@ -8,6 +8,7 @@ the path and says what was expected.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 
@@ -102,6 +103,21 @@ def load(
         raise
     except FileNotFoundError as exc:
         raise DataError(f"{where}: not found ({exc})") from exc
+    except Exception as exc:  # datasets' own errors rarely name the line or file: look for them ourselves
+        found = explain_bad_files(expanded)
+        if found:
+            raise DataError(f"{where}: {found}") from None
+        _reraise_as_data_error(exc, where, expanded, split)
+    if isinstance(ds, datasets.DatasetDict):  # load_from_disk of a single split dir
+        ds = _pick_split(ds, split, where)
+    if len(ds) == 0:
+        raise DataError(f"{where}: the dataset is empty (0 rows{'' if split is None else f' in split {split!r}'})")
+    return ds
+
+
+def _reraise_as_data_error(exc: Exception, where: str, expanded: str, split):
+    try:
+        raise exc
     except ValueError as exc:
         text = str(exc)
         m = re.search(r"Unknown split \"?'?([^\"']+)", text)
@@ -114,8 +130,69 @@ def load(
         if not os.path.exists(expanded):
             hint = " If this is a Hub id, check the name and your network (or HF_ENDPOINT / a local copy)."
         raise DataError(f"{where}: cannot be loaded ({kind}: {exc}).{hint}") from exc
-    if isinstance(ds, datasets.DatasetDict):  # load_from_disk of a single split dir
-        ds = _pick_split(ds, split, where)
-    if len(ds) == 0:
-        raise DataError(f"{where}: the dataset is empty (0 rows{'' if split is None else f' in split {split!r}'})")
-    return ds
+
+
+def _json_problem(path: str) -> str | None:
+    """The first line of a .json/.jsonl file that is not valid JSON, in words."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            if path.endswith(".jsonl"):
+                for number, line in enumerate(f, 1):
+                    if line.strip():
+                        try:
+                            json.loads(line.rstrip("\r\n"))
+                        except json.JSONDecodeError as exc:
+                            return f"line {number}, column {exc.colno}: not valid JSON ({exc.msg})"
+                return None
+            json.load(f)
+    except UnicodeDecodeError as exc:
+        return f"not UTF-8 text ({exc.reason} at byte {exc.start})"
+    except json.JSONDecodeError as exc:
+        return f"line {exc.lineno}, column {exc.colno}: not valid JSON ({exc.msg})"
+    except OSError:
+        return None
+    return None
+
+
+def _columns(path: str) -> tuple[str, ...] | None:
+    """The column names of one local data file, from its first record/header."""
+    import pyarrow.parquet as pq
+
+    try:
+        if path.endswith(".jsonl"):
+            with open(path, encoding="utf-8") as f:
+                first = next((line for line in f if line.strip()), "{}")
+            return tuple(sorted(json.loads(first)))
+        if path.endswith(".json"):
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+            return tuple(sorted(data[0] if isinstance(data, list) and data else data))
+        if path.endswith(".parquet"):
+            return tuple(sorted(pq.read_schema(path).names))
+        if path.endswith((".csv", ".tsv")):
+            with open(path, encoding="utf-8") as f:
+                return tuple(sorted(f.readline().strip().split("," if path.endswith(".csv") else "\t")))
+    except (OSError, ValueError, TypeError, AttributeError, StopIteration):
+        return None
+    return None
+
+
+def explain_bad_files(path: str) -> str | None:
+    """Why a local file or folder fails to load, naming the file and line:
+    a JSON syntax error, or files in one folder whose columns differ.
+    (datasets reports these without the line, or without the file.)"""
+    files = [path] if os.path.isfile(path) else sorted(
+        os.path.join(root, name) for root, _, names in os.walk(path) for name in names
+        if os.path.splitext(name)[1].lower() in BUILDERS) if os.path.isdir(path) else []
+    for file in files:
+        if file.endswith((".json", ".jsonl")):
+            problem = _json_problem(file)
+            if problem:
+                return problem if file == path else f"{os.path.relpath(file, path)}, {problem}"
+    shapes = {f: _columns(f) for f in files}
+    kinds = {cols for cols in shapes.values() if cols is not None}
+    if len(kinds) > 1:
+        described = "; ".join(f"{os.path.relpath(f, path)} has {', '.join(c)}" for f, c in shapes.items() if c)
+        return (f"its files do not share the same columns ({described}). Keep one format per folder, "
+                "or pick the files with --data-files / data.data_files")
+    return None

@@ -67,10 +67,13 @@ def load_tokenizer(name_or_path: str, **kwargs):
     """A tokenizer from a local directory or a Hub id."""
     from transformers import AutoTokenizer
 
+    from ..core.artifacts import loading_failure
+
+    kwargs.setdefault("trust_remote_code", False)  # a tokenizer's own code runs only when the caller allows it
     try:
         return AutoTokenizer.from_pretrained(name_or_path, **kwargs)
     except (OSError, ValueError) as exc:
-        raise DataError(f"tokenizer {name_or_path!r} cannot be loaded: {exc}") from exc
+        raise DataError(loading_failure("tokenizer", name_or_path, exc)) from None
 
 
 def tokenizer_fingerprint(tokenizer) -> str:

@@ -11,7 +11,6 @@ and a graceful abort that stops every rank at the same step.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
@@ -21,10 +20,9 @@ import torch.nn.functional as F
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
 from ..config import Config, ConfigError, from_dict
-from ..runs import COMPLETE_MARK, iter_files, read_jsonl
+from ..core.artifacts import iter_name, save_iter
+from ..core.rundir import RunDir, checkpoint_step
 from .collate import IGNORE_INDEX, PackedCollator, PaddedCollator
-
-ITER_FORMAT = "ftstudio-iter/1"
 
 
 # --- environment -----------------------------------------------------------------------
@@ -199,8 +197,8 @@ class StudioTrainer(Trainer):
 class RunDirCallback(TrainerCallback):
     """metrics.jsonl, samples.jsonl, iter_<N>.pth, checkpoint marks and abort."""
 
-    def __init__(self, run_dir: Path, cfg: Config, meta: dict, tokenizer, abort_flag, trainer_ref):
-        self.run_dir = run_dir
+    def __init__(self, run: RunDir, cfg: Config, meta: dict, tokenizer, abort_flag, trainer_ref):
+        self.run = run
         self.cfg = cfg
         self.meta = meta
         self.tokenizer = tokenizer
@@ -230,8 +228,7 @@ class RunDirCallback(TrainerCallback):
             "tokens_per_s": round(tokens / span, 1) if span > 0 else None,
             "elapsed_s": round(now - self.start, 3),
         }
-        with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
+        self.run.append_metric(row)
         print(f"step {row['step']}/{state.max_steps}  loss {row['loss']:.4f}  lr {row['lr']:.3g}  "
               f"grad_norm {row['grad_norm'] if row['grad_norm'] is None else round(row['grad_norm'], 4)}  "
               f"{row['tokens_per_s']} tok/s", flush=True)
@@ -245,9 +242,12 @@ class RunDirCallback(TrainerCallback):
         if self.cfg.evaluation.inputs and state.global_step % self.cfg.evaluation.every == 0:
             self._answer(model, state.global_step)
         if all_reduce(1.0 if self.abort_flag.requested else 0.0, op="max") > 0:
+            # abort = save + stop: every rank took this decision at this same step
+            print(f"[rank {os.environ.get('RANK', '0')}] abort: saving at step {state.global_step}, then stopping",
+                  flush=True)
             self.aborted = True
             control.should_training_stop = True
-            control.should_save = False
+            control.should_save = True
         return control
 
     def _answer(self, model, step: int):
@@ -292,9 +292,7 @@ class RunDirCallback(TrainerCallback):
         if was_training:
             net.train()
         if self.rank0:
-            with open(self.run_dir / "samples.jsonl", "a", encoding="utf-8") as f:
-                for row in rows:
-                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            self.run.append_samples(rows)
             print(f"samples at step {step}: " + " | ".join(repr(r["output"][:60]) for r in rows), flush=True)
 
     # checkpoints
@@ -306,24 +304,11 @@ class RunDirCallback(TrainerCallback):
             torch.distributed.barrier()
         if not state.is_world_process_zero:
             return
-        ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if ckpt.is_dir():
-            (ckpt / COMPLETE_MARK).write_text(str(state.global_step))
-        save_iter(self.run_dir, state.global_step, state_dict, {**self.meta, "step": state.global_step,
-                                                                "epoch": state.epoch})
+        save_iter(self.run.path, state.global_step, state_dict, {**self.meta, "epoch": state.epoch})
+        self.run.mark_complete(state.global_step)  # both halves of the checkpoint are whole now
         limit = self.cfg.saving.save_total_limit
         if limit and limit > 0:
-            for _, old in iter_files(self.run_dir)[:-limit]:
-                old.unlink(missing_ok=True)
-
-
-def save_iter(run_dir: Path, step: int, state_dict: dict, meta: dict) -> Path:
-    """iter_<step>.pth = trainable weights + what convert/merge/chat need; temp name, then rename."""
-    path = run_dir / f"iter_{step}.pth"
-    tmp = run_dir / f".iter_{step}.pth.tmp"
-    torch.save({"format": ITER_FORMAT, "meta": meta, "state_dict": state_dict}, tmp)
-    os.replace(tmp, path)
-    return path
+            self.run.prune_iters(limit, up_to=state.global_step)
 
 
 # --- the whole run ---------------------------------------------------------------------
@@ -341,7 +326,8 @@ def train(run_dir: Path, deepspeed: str | None = None, resume: str | None = None
     import datasets
 
     datasets.disable_progress_bars()  # train.log is a file, not a terminal
-    cfg = from_dict(yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")), str(run_dir / "config.yaml"))
+    run = RunDir(run_dir)
+    cfg = from_dict(yaml.safe_load(run.config_file.read_text(encoding="utf-8")), str(run.config_file))
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     print(f"[rank {rank}/{world}] {cfg.name}: {cfg.training.method} on {cfg.model.name_or_path}, "
@@ -355,7 +341,7 @@ def train(run_dir: Path, deepspeed: str | None = None, resume: str | None = None
 
     use_cpu = not torch.cuda.is_available()
     args = TrainingArguments(
-        output_dir=str(run_dir / "checkpoints"),
+        output_dir=str(run.checkpoints_dir),
         per_device_train_batch_size=cfg.training.micro_batch_size,
         gradient_accumulation_steps=cfg.training.accumulative_counts,
         learning_rate=cfg.training.lr,
@@ -423,34 +409,18 @@ def train(run_dir: Path, deepspeed: str | None = None, resume: str | None = None
         model=model, args=args, train_dataset=samples, data_collator=collator,
         labeled_only=cfg.training.loss_on_labeled_only,
     )
-    callback = RunDirCallback(run_dir, cfg, meta, tokenizer, abort_flag, weakref.ref(trainer))
+    callback = RunDirCallback(run, cfg, meta, tokenizer, abort_flag, weakref.ref(trainer))
     trainer.add_callback(callback)
     trainer.remove_callback(PrinterCallback)  # our own one-line-per-step log replaces its dicts
     if resume and rank == 0:
-        _truncate_metrics(run_dir, _checkpoint_step(resume))
+        run.truncate_after(checkpoint_step(resume) or 0)
     trainer.train(resume_from_checkpoint=resume)
-    if callback.aborted:
-        print("run aborted; the last complete checkpoint is kept", flush=True)
+    if callback.aborted and trainer.state.global_step < trainer.state.max_steps:
+        print(f"run aborted; saved at step {trainer.state.global_step}", flush=True)
         return "aborted"
     # the final weights, unless the last step was just saved
-    if not (run_dir / f"iter_{trainer.state.global_step}.pth").exists():
+    if not (run.path / iter_name(trainer.state.global_step)).exists():
         trainer._save_checkpoint(trainer.model, trial=None)
         callback.on_save(trainer.args, trainer.state, trainer.control)
     print(f"finished at step {trainer.state.global_step}", flush=True)
     return "finished"
-
-
-def _checkpoint_step(path: str) -> int:
-    name = Path(path).name
-    return int(name.rsplit("-", 1)[1]) if "-" in name else 0
-
-
-def _truncate_metrics(run_dir: Path, step: int) -> None:
-    """On resume, drop metric/sample lines past the checkpoint: the resumed run writes them again."""
-    for name in ("metrics.jsonl", "samples.jsonl"):
-        path = run_dir / name
-        if path.exists():
-            rows = [r for r in read_jsonl(path) if r.get("step", 0) <= step]
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-            os.replace(tmp, path)

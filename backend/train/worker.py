@@ -11,10 +11,10 @@ at the file-descriptor level, so no pipe ever needs draining.
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import signal
 import sys
-import time
 import traceback
 from pathlib import Path
 
@@ -63,19 +63,27 @@ def redirect_output(log_path: Path) -> None:
 
 
 class AbortFlag:
-    """SIGTERM/SIGINT only set a flag: the current step (and any save in
-    progress) finishes, then all ranks stop together."""
+    """An abort asked for by a signal (SIGTERM/SIGINT: the launcher, Slurm's
+    scancel, a pre-emption) or by the run folder's stop request (ftstudio abort,
+    the studio; rank 0 reads it). Either only sets a flag: at the next step end
+    the ranks agree on it, save a complete checkpoint there and stop."""
 
-    def __init__(self):
-        self.requested = False
+    def __init__(self, run=None):
+        self.signalled = False
+        self.run = run
         signal.signal(signal.SIGTERM, self._handle)
         signal.signal(signal.SIGINT, self._handle)
 
     def _handle(self, signum, frame):
-        if not self.requested:
-            print(f"[rank {os.environ.get('RANK', '0')}] received signal {signum}: stopping after this step",
+        if not self.signalled:
+            print(f"[rank {os.environ.get('RANK', '0')}] received signal {signum}: saving and stopping after this step",
                   flush=True)
-        self.requested = True
+        self.signalled = True
+
+    @property
+    def requested(self) -> bool:
+        return self.signalled or (self.run is not None and os.environ.get("RANK", "0") == "0"
+                                  and self.run.stop_requested())
 
 
 def skip_deepspeed_shm_build() -> None:
@@ -112,7 +120,10 @@ def main(argv=None) -> int:
         redirect_output(run_dir / "train.log")
     if args.deepspeed:
         skip_deepspeed_shm_build()
-    abort_flag = AbortFlag()
+    from ..core.rundir import RunDir
+
+    run = RunDir(run_dir)
+    abort_flag = AbortFlag(run)
     rank = int(os.environ.get("RANK", "0"))
     try:
         from .trainer import train
@@ -121,21 +132,35 @@ def main(argv=None) -> int:
     except BaseException as exc:  # noqa: BLE001 - any failure ends the run as failed, with its summary
         if isinstance(exc, SystemExit) and exc.code in (0, None):
             raise
-        summary = f"{type(exc).__name__}: {exc}"
-        traceback.print_exc()
+        summary = failure_summary(exc)
+        try:
+            traceback.print_exc()
+            print(f"[rank {rank}] failed: {summary}", flush=True)
+        except OSError:  # train.log is on the full disk too
+            pass
         if rank == 0:
-            _write_result(run_dir, "failed", summary)
-        print(f"[rank {rank}] failed: {summary}", flush=True)
+            _write_result(run, "failed", summary, 1)
         return 1
     if rank == 0:
-        _write_result(run_dir, state, None)
+        _write_result(run, state, None, 0)
     return 0
 
 
-def _write_result(run_dir: Path, state: str, error: str | None) -> None:
-    from ..runs import write_json_atomic
+def failure_summary(exc: BaseException) -> str:
+    """One line; a full disk says so and where."""
+    seen = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno == errno.ENOSPC:
+            return f"no space left on device at {seen.filename or 'the run folder'}"
+        seen = seen.__cause__ or seen.__context__
+    return f"{type(exc).__name__}: {exc}"
 
-    write_json_atomic(run_dir / "result.json", {"state": state, "error": error, "time": time.time()})
+
+def _write_result(run, state: str, error: str | None, code: int) -> None:
+    try:
+        run.write_result(state, error, code)
+    except OSError as exc:  # the launcher (or whoever follows the run) infers it from the exit code
+        print(f"could not write the run's result: {exc}", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":
