@@ -10,9 +10,10 @@ start of a stop word is held back, so a stop word never leaks into the reply.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterator
 
-from .core.artifacts import ArtifactError, has_tokenizer, is_adapter, read_meta
+from .core.artifacts import ArtifactError, check_model_folder, check_weights, has_tokenizer, is_adapter, read_meta
 from .core.guard import Guard
 
 
@@ -71,10 +72,12 @@ def load_chat_model(llm: str, adapter: str | None = None, template: str | None =
     import torch
 
     from .data import get_template, load_tokenizer, stop_words
-    from .export import base_location, load_causal_lm
+    from .models import base_location, fit_embeddings, load_causal_lm
 
     guard = guard or Guard.cli()
     llm_path = base_location(llm, guard, "model")
+    if Path(llm_path).is_dir():
+        check_model_folder(llm_path, "model")
     if adapter is not None and not is_adapter(adapter):
         raise ArtifactError(f"adapter {adapter}: not an adapter folder (convert an iter_<N>.pth with "
                             "`ftstudio convert pth_to_hf` first)")
@@ -85,20 +88,22 @@ def load_chat_model(llm: str, adapter: str | None = None, template: str | None =
                             "(ftstudio list-template)")
     tpl = get_template(template_name)  # raises, listing the known names, if unknown
     dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    tok_source = adapter if adapter and has_tokenizer(adapter) else llm_path
+    tokenizer = load_tokenizer(str(tok_source), trust_remote_code=trust_remote_code)
     model = load_causal_lm(llm_path, trust_remote_code=trust_remote_code, what="model", dtype="auto",
                            **_quantized(bits, dev))
     if not bits:
         model = model.to(dev)
     if adapter:
+        fit_embeddings(model, len(tokenizer))
         from peft import PeftModel
 
         try:
+            check_weights(adapter)
             model = PeftModel.from_pretrained(model, adapter)
         except (RuntimeError, ValueError, KeyError, OSError) as exc:
             raise ArtifactError(f"adapter {adapter} does not fit {llm}: {str(exc).splitlines()[0][:300]}") from None
     model.eval()
-    tok_source = adapter if adapter and has_tokenizer(adapter) else llm_path
-    tokenizer = load_tokenizer(str(tok_source), trust_remote_code=trust_remote_code)
     return ChatModel(model, tokenizer, tpl.name, meta.get("system", "") if system is None else system,
                      stop_words(tokenizer, tpl), meta)
 

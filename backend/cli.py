@@ -53,6 +53,8 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", default=None, help="dataset configuration name (Hub datasets)")
     p.add_argument("--data-files", nargs="+", default=None, help="data_files for load_dataset")
     p.add_argument("--pack", action="store_true", help="also pack samples into max_length blocks")
+    p.add_argument("--add-template-tokens", action="store_true",
+                   help="add the template's markers the tokenizer lacks as special tokens (model.add_template_tokens)")
     p.add_argument("--num-proc", type=positive_int, default=None, help="processes for the batched map")
     p.add_argument("--max-rows", type=positive_int, default=None, help="only the first N rows")
 
@@ -119,6 +121,12 @@ def cmd_check_dataset(args) -> int:
     from .data import build_dataset
 
     tokenizer = resolve_tokenizer(args.tokenizer)
+    if args.add_template_tokens:
+        from .data import add_template_tokens
+
+        added = add_template_tokens(tokenizer, args.template)
+        if added:
+            print(f"added to the tokenizer: {', '.join(added)} (train with model.add_template_tokens=true)")
     samples, report = build_dataset(
         args.path, tokenizer=tokenizer, template=args.template, map_fn=args.map_fn,
         max_length=args.max_length, pack=args.pack, split=args.split, name=args.name,

@@ -46,6 +46,8 @@ class ModelConfig:
     attn_implementation: str = _f("auto", "attention kernel; auto = flash_attention_2 if installed, else sdpa",
                                   choices=["auto", "eager", "sdpa", "flash_attention_2"])
     trust_remote_code: bool = _f(False, "allow the model repository's own code (needed by some models)")
+    add_template_tokens: bool = _f(False, "add the template's markers the tokenizer lacks (e.g. <|eot_id|> on a "
+                                          "base model) as new special tokens; the embeddings grow, new rows are trained")
 
 
 @dataclass

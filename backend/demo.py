@@ -12,7 +12,7 @@ import json
 import os
 from pathlib import Path
 
-from .atomic import atomic_dir
+from .core.atomic import atomic_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_DATA = ROOT / "assets" / "demo" / "studio_qa.jsonl"
@@ -28,6 +28,11 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 def demo_dir() -> Path:
     return Path(os.environ.get("FTSTUDIO_DEMO_DIR", "work_dirs/demo")).resolve()
+
+
+def _in_demo_dir(path: Path) -> bool:
+    """A half-built demo folder is ours to rebuild; nothing outside the demo folder is."""
+    return demo_dir() in Path(path).resolve().parents
 
 
 def _training_text() -> list[str]:
@@ -63,7 +68,7 @@ def build_demo_tokenizer(out_dir: Path, vocab_size: int = 1024):
         additional_special_tokens=["<|im_start|>"],
     )
     fast.chat_template = CHATML_TEMPLATE
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, is_ours=_in_demo_dir, what="the demo tokenizer", overwrite=True) as tmp:
         fast.save_pretrained(tmp)
     return fast
 
@@ -97,7 +102,7 @@ def build_demo_model(out_dir: Path, seed: int = 0):
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, is_ours=_in_demo_dir, what="the demo model", overwrite=True) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     return Path(out_dir)

@@ -23,10 +23,12 @@ import os
 from pathlib import Path
 
 from .core.artifacts import (
-    ADAPTER_BIN, ADAPTER_CONFIG, ADAPTER_SAFETENSORS, CONVERTED, MERGED, ArtifactError, check_output, converted_dir,
-    has_tokenizer, is_adapter, is_model, loading_failure, lora_targets, output_dir, output_kind, read_iter, read_meta,
+    ADAPTER_BIN, ADAPTER_CONFIG, ADAPTER_SAFETENSORS, CONVERTED, MERGED, ArtifactError, check_model_folder,
+    check_output, check_weights, converted_dir, has_tokenizer, is_adapter, is_model, lora_targets, output_dir,
+    output_kind, read_iter, read_meta,
 )
 from .core.guard import Guard
+from .models import base_location, fit_embeddings, load_causal_lm
 
 PARITY_PROMPTS = ("Hello! Who are you?", "Give three tips for staying healthy.", "1 + 1 =")
 ExportError = ArtifactError  # the name callers of convert/merge know
@@ -45,33 +47,13 @@ def _save_tokenizer(tokenizer, folder: Path, template_name: str) -> bool:
     return exported
 
 
-def base_location(name: str, guard: Guard, what: str) -> str:
-    """A base model named by a user or recorded in an artifact: through the guard, 'demo' resolved."""
-    from .demo import resolve_model
-
-    checked = guard.model(name, what)
-    if checked is None:
-        raise ArtifactError(f"{what}: none given")
-    return resolve_model(checked)
-
-
-def load_causal_lm(path: str, *, trust_remote_code: bool, what: str, **kwargs):
-    """``AutoModelForCausalLM.from_pretrained`` with its failures in one line
-    (a folder that is not a model, an unreachable Hub, a model that needs its own code)."""
-    from transformers import AutoModelForCausalLM
-
-    try:
-        return AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
-    except (OSError, ValueError) as exc:
-        raise ArtifactError(loading_failure(what, path, exc)) from None
-
-
 def pth_to_hf(pth: str | os.PathLike, save_path: str | os.PathLike, config: str | None = None, *,
               overwrite: bool = False, trust_remote_code: bool = False, guard: Guard | None = None,
               safe_serialization: bool = True, max_shard_size: str = "2GB", log=print) -> Path:
     """iter_<N>.pth -> adapter folder (LoRA/QLoRA) or model folder (full)."""
     from .config import load_config
     from .data import load_tokenizer, stop_words
+    from .data.encode import add_tokens
 
     guard = guard or Guard.cli()
     ckpt = read_iter(pth)
@@ -82,6 +64,7 @@ def pth_to_hf(pth: str | os.PathLike, save_path: str | os.PathLike, config: str 
     tok_path = base_location(cfg["model"].get("tokenizer") or base_name, guard, "tokenizer recorded in the checkpoint")
     template = cfg["data"]["template"]
     tokenizer = load_tokenizer(tok_path, trust_remote_code=trust_remote_code)
+    add_tokens(tokenizer, ckpt.meta.get("added_tokens") or [])  # the run trained on them
     record = {"kind": ckpt.kind, "base_model": base_name, "template": template,
               "stop_words": stop_words(tokenizer, template), "system": cfg.get("evaluation", {}).get("system", ""),
               "step": ckpt.meta.get("step"), "source": str(Path(pth).resolve())}
@@ -103,7 +86,8 @@ def _write_adapter(ckpt, cfg: dict, base_name: str, folder: Path, safe_serializa
     lora = cfg["lora"]
     LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"], bias=lora["bias"],
                target_modules=lora_targets(ckpt.state_dict), task_type="CAUSAL_LM",
-               base_model_name_or_path=base_name).save_pretrained(folder)
+               base_model_name_or_path=base_name,
+               trainable_token_indices=ckpt.meta.get("trainable_token_indices")).save_pretrained(folder)
     if safe_serialization:
         from safetensors.torch import save_file
 
@@ -118,6 +102,7 @@ def _write_full(ckpt, base_path: str, base_name: str, folder: Path, trust_remote
     import torch
 
     model = load_causal_lm(base_path, trust_remote_code=trust_remote_code, what="base model", dtype=torch.float32)
+    fit_embeddings(model, int(ckpt.meta.get("vocab_size") or 0))
     try:
         missing, unexpected = model.load_state_dict(ckpt.state_dict, strict=False)
     except RuntimeError as exc:  # a shape mismatch
@@ -165,21 +150,25 @@ def merge(llm: str, adapter: str | os.PathLike, save_path: str | os.PathLike, *,
         what = "a complete (already merged or fully fine-tuned) model" if is_model(adapter) else "not an adapter"
         raise ArtifactError(f"{adapter} is {what}: it has no {ADAPTER_CONFIG}, so there is nothing to merge")
     llm_path = base_location(llm, guard, "base model")
+    if Path(llm_path).is_dir():
+        check_model_folder(llm_path, "base model")
     if Path(llm_path).exists() and read_meta(llm_path).get("merged_adapter") == str(adapter.resolve()):
         raise ArtifactError(f"{llm} already has {adapter} merged into it; merging it again would apply it twice")
     target = check_output(guard.output_dir(save_path), MERGED, overwrite)
     meta = read_meta(adapter)
     dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    tokenizer = load_tokenizer(str(adapter) if has_tokenizer(adapter) else llm_path,
+                               trust_remote_code=trust_remote_code)
     base = load_causal_lm(llm_path, trust_remote_code=trust_remote_code, what="base model",
                           dtype=torch.float32).to(dev)
+    fit_embeddings(base, len(tokenizer))
     try:
+        check_weights(adapter)
         model = PeftModel.from_pretrained(base, str(adapter))
     except (RuntimeError, ValueError, KeyError, OSError) as exc:
         raise ArtifactError(f"adapter {adapter} does not fit {llm}: {str(exc).splitlines()[0][:300]}. "
                             f"It was trained on {meta.get('base_model', 'another model')}.") from None
     model.eval()
-    tok_source = str(adapter) if has_tokenizer(adapter) else llm_path
-    tokenizer = load_tokenizer(tok_source, trust_remote_code=trust_remote_code)
     merged, diff = _merge_checked(model, tokenizer, tolerance, log)
     record = {**meta, "kind": MERGED, "base_model": llm, "merged_adapter": str(adapter.resolve()),
               "parity_max_abs_diff": diff}

@@ -31,13 +31,12 @@ from pathlib import Path
 from .config import Config, ConfigError
 from .core import procs
 from .core.guard import is_hub_id
-from .core.rundir import ACTIVE, WORKER_MODULE, RunDir, RunFolderError, last_error, now
+from .core.rundir import ABORTED_EXIT, ACTIVE, WORKER_MODULE, RunDir, RunFolderError, last_error, now
 
 DEEPSPEED_DIR = Path(__file__).resolve().parent / "deepspeed"
 DEEPSPEED_NAMES = ("deepspeed_zero1", "deepspeed_zero2", "deepspeed_zero2_offload", "deepspeed_zero3",
                    "deepspeed_zero3_offload")
 QUEUED_ENV = "FTSTUDIO_QUEUED_RUN"  # set by start_detached: the run id this launcher was queued for
-ABORTED_EXIT = 143  # an aborted run exits like a process stopped by SIGTERM
 
 
 class LaunchError(RuntimeError):

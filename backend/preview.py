@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import datasets
 import numpy as np
 
-from .data import DataError, IGNORE_INDEX, build_dataset, detect_map_fn, encode, get_map_fn, load
+from .data import DataError, IGNORE_INDEX, build_dataset, check_template_tokens, detect_map_fn, encode, get_map_fn, load
 from .data.map_fns import map_fn_name
 from .data.pipeline import DataReport, map_row
 from .demo import resolve_data
@@ -64,6 +64,7 @@ def conversations(ds: datasets.Dataset, map_fn: str, start: int, count: int) -> 
 def highlighted(conversation: list[dict], tokenizer, template: str, max_length: int | None):
     """One encoded sample as ``[(text, "trained" | None), ...]`` runs: the
     tokens the loss is computed on vs the prompt/context around them."""
+    check_template_tokens(tokenizer, template)
     enc = encode(conversation, tokenizer, template, max_length)
     spans, ids, current = [], [], None
     for tok, label in zip(enc["input_ids"], enc["labels"]):

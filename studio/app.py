@@ -13,6 +13,8 @@ from pathlib import Path
 
 import gradio as gr
 
+from backend.core.rundir import CONFIGS
+
 from . import chat_tab, dataset_tab, export_tab, runs_tab, train_tab
 from .context import StudioContext
 
@@ -39,12 +41,18 @@ def build_app(ctx: StudioContext) -> gr.Blocks:
                 chat_model = chat_tab.build(ctx)
 
         # Dataset -> Train: carry the data choices into the form
-        data_keys = ["data.path", "data.name", "data.split", "data.map_fn", "data.template", "data.max_length"]
+        data_keys = ["data.path", "data.name", "data.split", "data.map_fn", "data.template", "data.max_length",
+                     "model.add_template_tokens"]
 
-        def use_data(src, sub, spl, fn, tpl, max_len):
-            return [src, sub or "", spl or "train", fn or "auto", tpl, int(max_len or 256), gr.Tabs(selected="train")]
+        def use_data(src, sub, spl, fn, tpl, max_len, add_tokens):
+            try:
+                max_len = int(max_len or 256)
+            except (TypeError, ValueError):
+                max_len = 256
+            return [src, sub or "", spl or "train", fn or "auto", tpl, max_len, bool(add_tokens),
+                    gr.Tabs(selected="train")]
 
-        ds.use.click(use_data, [ds.source, ds.subset, ds.split, ds.map_fn, ds.template, ds.max_length],
+        ds.use.click(use_data, [ds.source, ds.subset, ds.split, ds.map_fn, ds.template, ds.max_length, ds.add_tokens],
                      [*(tr.fields[k] for k in data_keys), tabs]).then(tr.check, tr.check_inputs, tr.check_outputs)
 
         # Train -> Runs: follow the run that was just launched
@@ -144,6 +152,6 @@ def main(argv=None) -> int:
     calm_queue(app)
     app.launch(server_name=args.host, server_port=args.port, share=args.share, auth=auth,
                auth_message="Finetune Studio: log in" if auth else None, theme=gr.themes.Soft(), css=CSS,
-               allowed_paths=[str(ctx.work_dir / "configs")], max_file_size="2gb", footer_links=["api"],
+               allowed_paths=[str(ctx.work_dir / CONFIGS)], max_file_size="2gb", footer_links=["api"],
                ssr_mode=False)
     return 0

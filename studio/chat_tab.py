@@ -13,7 +13,7 @@ import gradio as gr
 from backend.chat import GenerationSettings, stream_reply
 from backend.config import load_config
 from backend.core.artifacts import (
-    CONVERTED_SUBDIR, MERGED_SUBDIR, exported_folders, model_source, read_meta, recorded_base,
+    CONVERTED_SUBDIR, MERGED_SUBDIR, exported_folders, iter_step, model_source, read_meta, recorded_base,
 )
 from backend.core.rundir import RunDir
 from backend.data import TEMPLATES
@@ -39,7 +39,7 @@ def model_choices(ctx: StudioContext) -> list[str]:
 def _run_item(ctx: StudioContext, choice: str):
     """(run, checkpoint or exported folder) for a run/iter_N.pth or run/{hf,merged}/x choice; None otherwise."""
     parts = Path(choice).parts
-    if len(parts) == 2 and parts[1].endswith(".pth"):
+    if len(parts) == 2 and iter_step(parts[1]) is not None:
         run = ctx.guard.run(parts[0])
         return run, ctx.guard.checkpoint(run, parts[1])
     if len(parts) == 3 and parts[1] in (CONVERTED_SUBDIR, MERGED_SUBDIR) and not Path(choice).is_absolute():
@@ -60,7 +60,7 @@ def resolve(ctx: StudioContext, choice: str) -> str:
     if item is None:
         return ctx.guard.model(str(choice).strip(), "model")
     _, path = item
-    return str(ensure_hf(path, guard=ctx.guard, log=lambda *_: None)) if path.suffix == ".pth" else str(path)
+    return str(ensure_hf(path, guard=ctx.guard, log=lambda *_: None)) if iter_step(path) is not None else str(path)
 
 
 def recorded(ctx: StudioContext, choice: str) -> tuple[str | None, str]:
@@ -72,7 +72,7 @@ def recorded(ctx: StudioContext, choice: str) -> tuple[str | None, str]:
             meta = read_meta(folder) if folder and Path(folder).is_dir() else {}
             return meta.get("template"), meta.get("system", "")
         run, path = item
-        if path.suffix == ".pth":
+        if iter_step(path) is not None:
             cfg = load_config(run.config_file)
             return cfg.data.template, cfg.evaluation.system
         meta = read_meta(path)

@@ -10,7 +10,7 @@ import gradio as gr
 import pandas as pd
 
 from backend import preview
-from backend.data import MAP_FNS, TEMPLATES, DataError, load_tokenizer
+from backend.data import MAP_FNS, TEMPLATES, add_template_tokens, load_tokenizer
 from backend.demo import resolve_model
 
 from .context import USER_ERRORS as STUDIO_USER_ERRORS
@@ -37,6 +37,7 @@ class DatasetTab:
     map_fn: gr.Dropdown
     template: gr.Dropdown
     max_length: gr.Number
+    add_tokens: gr.Checkbox
     use: gr.Button
     load_on_start: object  # (app) -> None: show the current source when a page opens
 
@@ -44,12 +45,17 @@ class DatasetTab:
 _tokenizers: dict = {}
 
 
-def tokenizer_for(ctx: StudioContext, name: str):
+def tokenizer_for(ctx: StudioContext, name: str, add_tokens_of: str | None = None):
+    """The previewed tokenizer; with ``add_tokens_of`` a template, as training would
+    extend it (model.add_template_tokens)."""
     name = ctx.guard.model(name or "demo", "tokenizer")
-    if name not in _tokenizers:
+    key = (name, add_tokens_of)
+    if key not in _tokenizers:
         _tokenizers.clear()  # keep one: the one being previewed
-        _tokenizers[name] = load_tokenizer(resolve_model(name), trust_remote_code=False)
-    return _tokenizers[name]
+        _tokenizers[key] = load_tokenizer(resolve_model(name), trust_remote_code=False)
+        if add_tokens_of:
+            add_template_tokens(_tokenizers[key], add_tokens_of)
+    return _tokenizers[key]
 
 
 def build(ctx: StudioContext) -> DatasetTab:
@@ -86,6 +92,8 @@ def build(ctx: StudioContext) -> DatasetTab:
         template = gr.Dropdown(choices=sorted(TEMPLATES), value="qwen_chat", label="Template")
         max_length = gr.Number(value=256, precision=0, minimum=8, label="max_length")
         row = gr.Number(value=0, precision=0, minimum=0, label="Sample row")
+        add_tokens = gr.Checkbox(value=False, label="Add missing template tokens", elem_id="ds-add-tokens",
+                                 info="for a base model without the template's markers (trains the new rows)")
         render_btn = gr.Button("Render", scale=0)
     sample = gr.HighlightedText(label="Sample as the model sees it", color_map={preview.TRAINED: "green"},
                                 show_legend=True, combine_adjacent=True, elem_id="ds-sample")
@@ -130,13 +138,13 @@ def build(ctx: StudioContext) -> DatasetTab:
         except USER_ERRORS as exc:
             return None, error_md(exc)
 
-    def on_render(src, sub, spl, fn, tok_name, tpl, max_len, idx):
+    def on_render(src, sub, spl, fn, tok_name, tpl, max_len, idx, add_tokens=False):
         if not fn:
             return None, "Pick a map_fn to see the samples.", None
         try:
             ds = dataset(src, sub, spl)
             fn = ctx.guard.map_fn(fn)
-            tok = tokenizer_for(ctx, tok_name)
+            tok = tokenizer_for(ctx, tok_name, tpl if add_tokens else None)
             idx = min(max(0, int(idx or 0)), len(ds) - 1)
             conv = preview.conversations(ds, fn, idx, 1)[0]["conversation"]
             spans, counts = preview.highlighted(conv, tok, tpl, int(max_len))
@@ -164,7 +172,7 @@ def build(ctx: StudioContext) -> DatasetTab:
 
     loaded = load_btn.click(on_load, [source, subset, split],
                             [table, page, page_info, map_fn, map_reason, conversations, status], api_name="dataset_load")
-    render_inputs = [source, subset, split, map_fn, tokenizer, template, max_length, row]
+    render_inputs = [source, subset, split, map_fn, tokenizer, template, max_length, row, add_tokens]
     render_outputs = [sample, stats, hist]
     loaded.then(on_render, render_inputs, render_outputs)
     source.submit(on_load, [source, subset, split],
@@ -207,4 +215,5 @@ def build(ctx: StudioContext) -> DatasetTab:
                  [table, page, page_info, map_fn, map_reason, conversations, status]).then(
             on_render, render_inputs, render_outputs)
 
-    return DatasetTab(source, subset, split, map_fn, template, max_length, use, load_on_start)
+    add_tokens.input(on_render, render_inputs, render_outputs)
+    return DatasetTab(source, subset, split, map_fn, template, max_length, add_tokens, use, load_on_start)

@@ -16,7 +16,7 @@ from backend.config import (
     SECTIONS, Config, ConfigError, from_dict, guard_field, list_recipes, load_config, schema, set_field,
 )
 from backend.core.atomic import write_text
-from backend.core.rundir import CONFIGS, effective_status
+from backend.core.rundir import CONFIG, CONFIGS, effective_status
 from backend.launch import DEEPSPEED_NAMES, LaunchError, LaunchSpec, start_detached
 from backend.memory import estimate_for
 from backend.runs import active_runs
@@ -232,7 +232,7 @@ def build(ctx: StudioContext) -> TrainTab:
         with gr.Column():
             command = gr.Code(language="shell", label="Command line (Launch saves the config to that file)",
                               elem_id="train-command", lines=2)
-    yaml_view = gr.Code(language="yaml", label="config.yaml", elem_id="train-yaml", lines=12, max_lines=30)
+    yaml_view = gr.Code(language="yaml", label=CONFIG, elem_id="train-yaml", lines=12, max_lines=30)
     with gr.Row():
         launch = gr.Button("Launch", variant="primary", elem_id="train-launch")
         save = gr.Button("Save config", elem_id="train-save")

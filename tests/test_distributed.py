@@ -3,10 +3,12 @@ on loopback, and a real one-node Slurm cluster."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
 import subprocess
+import time
 
 import pytest
 import torch
@@ -123,3 +125,55 @@ def test_slurm_failure_exits_nonzero(tmp_path, tiny_model, slurm_conf):
     assert out.returncode != 0
     st = status(run_dir)
     assert st["state"] == "failed" and st["error"], st
+
+
+def slurm_env(slurm_conf) -> dict:
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}, "SLURM_CONF": str(slurm_conf)}
+    for k in ("NPROC_PER_NODE", "NNODES", "NODE_RANK", "ADDR", "PORT"):
+        env.pop(k, None)
+    return env
+
+
+def test_slurm_run_on_another_host_is_stopped_through_scancel(tmp_path, tiny_model, slurm_conf, monkeypatch):
+    """Abort of a run whose launcher is on another machine (as the shared run folder shows it):
+    no local signal, but the stop request plus ``scancel --signal=TERM`` of its job, once the
+    job is proven to be a Finetune Studio job of ours; a job that is not ours is left alone."""
+    from backend.core.rundir import RunDir, read_jsonl
+    from backend.runs import abort
+
+    monkeypatch.setenv("SLURM_CONF", str(slurm_conf))
+    env = slurm_env(slurm_conf)
+    run = RunDir(tmp_path / "run")
+    cmd = ["srun", "-N1", "--ntasks-per-node=1", f"--chdir={tmp_path}", "--export=ALL", FTSTUDIO, "train",
+           "tiny_demo", "training.max_steps=3000", "saving.save_steps=25", "evaluation.inputs=[]",
+           "--launcher", "slurm", "--work-dir", str(run.path), "--quiet"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            stdin=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while len(read_jsonl(run.metrics_file)) < 5:
+        assert proc.poll() is None and time.time() < deadline, proc.stdout.read()[-3000:]
+        time.sleep(0.1)
+    st = run.status()
+    assert st["slurm_job_id"], st
+    run.write_status(launcher={**st["launcher"], "host": "gpu-node-17"})  # as another machine sees it
+    asked, said = abort(run, by="test")
+    assert asked and "gpu-node-17" in said and f"scancel --signal=TERM {st['slurm_job_id']}: sent" in said, said
+    out, _ = proc.communicate(timeout=300)
+    stop = json.loads((run.path / "stop.json").read_text())
+    assert stop["by"] == "signal 15 to the launcher", stop  # Slurm's SIGTERM reached the job's task
+    assert run.status()["state"] == "aborted", out[-3000:]
+
+    sleeper = subprocess.Popen(["srun", "-N1", "sleep", "300"], env=env, stdin=subprocess.DEVNULL)
+    try:
+        jobs = ""
+        while not jobs.strip():
+            jobs = subprocess.run(["squeue", "-h", "-o", "%i"], env=env, capture_output=True, text=True).stdout
+            time.sleep(0.2)
+        forged = RunDir(tmp_path / "forged")
+        forged.claim_new()
+        forged.start("running", launcher={**st["launcher"], "host": "gpu-node-17"}, slurm_job_id=jobs.split()[0])
+        asked, said = abort(forged, by="test")
+        assert "is not a Finetune Studio job" in said, said
+        assert sleeper.poll() is None  # the foreign job lives on
+    finally:
+        sleeper.kill()

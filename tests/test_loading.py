@@ -90,8 +90,19 @@ def test_empty_dataset(tmp_path):
 def test_unparseable_json_names_the_file(tmp_path):
     bad = tmp_path / "broken.json"
     bad.write_text('[{"instruction": "a", "output": ')
-    with pytest.raises(DataError, match=r"broken\.json: cannot be"):
+    with pytest.raises(DataError, match=r"broken\.json: line 1, column \d+: not valid JSON"):
         load(bad)
+    lines = tmp_path / "broken.jsonl"
+    lines.write_text('{"a": 1}\n{"a": 2}\n{"a": \n')
+    with pytest.raises(DataError, match=r"broken\.jsonl: line 3, column 7: not valid JSON"):
+        load(lines)
+
+
+def test_a_folder_of_files_with_different_columns_names_them(tmp_path):
+    (tmp_path / "a.jsonl").write_text('{"instruction": "x", "output": "y"}\n')
+    (tmp_path / "b.jsonl").write_text('{"messages": [{"role": "user", "content": "x"}]}\n')
+    with pytest.raises(DataError, match=r"a\.jsonl has instruction, output; b\.jsonl has messages"):
+        load(tmp_path)
 
 
 def test_hub_id_goes_to_load_dataset(monkeypatch):

@@ -106,5 +106,9 @@ def test_queued_run_whose_launcher_died_reads_as_failed_with_its_error(tmp_path)
     st = effective_status(run)
     assert st["state"] == "failed" and "x.jsonl' does not exist" in st["error"]
     assert run.status()["state"] == "failed"  # the correction is written back for everyone
-    run.start("queued", launcher=procs.self_record().to_dict())  # alive: still queued
-    assert effective_status(run)["state"] == "queued"
+    launcher = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "backend.cli", "train"])
+    try:
+        run.start("queued", launcher=procs.capture(launcher.pid).to_dict())  # alive: still queued
+        assert effective_status(run)["state"] == "queued"
+    finally:
+        launcher.kill()

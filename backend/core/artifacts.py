@@ -116,9 +116,7 @@ def _damaged_member(path: Path) -> str | None:
     try:
         with zipfile.ZipFile(path) as z:
             return z.testzip()
-    except zipfile.BadZipFile:
-        return "(the zip directory: the file is truncated or not a checkpoint)"
-    except (OSError, EOFError, ValueError) as exc:
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile) as exc:
         return f"(unreadable: {exc})"
 
 
@@ -129,6 +127,9 @@ def read_iter(path: str | os.PathLike) -> IterCheckpoint:
     path = Path(path)
     if not path.is_file():
         raise ArtifactError(f"{path}: no such checkpoint file")
+    if not zipfile.is_zipfile(path):
+        raise ArtifactError(f"{path}: not a readable Finetune Studio checkpoint (not a torch.save zip archive: "
+                            "truncated, or another format). Use an iter_<N>.pth written by ftstudio train.")
     damaged = _damaged_member(path)
     if damaged:
         raise ArtifactError(f"{path}: damaged checkpoint: member {damaged} fails its check (CRC); "

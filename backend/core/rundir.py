@@ -46,6 +46,7 @@ TRAIN_LOG, LAUNCHER_LOG = "train.log", "launcher.log"
 METRICS, SAMPLES = "metrics.jsonl", "samples.jsonl"
 CHECKPOINTS, COMPLETE_MARK = "checkpoints", "COMPLETE"
 RESERVE = ".space-reserve"
+ABORTED_EXIT = 143  # an aborted run exits like a process stopped by SIGTERM
 RESERVE_BYTES = 1 << 20
 # folders of a work directory that are never runs, whatever they hold
 UPLOADS, CONFIGS = "uploads", "configs"
@@ -329,8 +330,8 @@ def _record_end(run: RunDir) -> dict:
     result = run.result()
     if status["state"] == "running" and result.get("state") in ENDED:
         state, error = result["state"], result.get("error")
-        code = int(result.get("exit_code", 0 if state == "finished" else 1))
-        error = error if state != "finished" else None
+        code = 0 if state == "finished" else ABORTED_EXIT if state == "aborted" else int(result.get("exit_code") or 1)
+        error = error if state == "failed" else None
     elif status["state"] == "queued":
         state, code = "failed", 1
         error = last_error(run.launcher_log) or "the launcher stopped before training began"

@@ -11,8 +11,8 @@ Public surface (other parts of the product import these):
 """
 
 from .encode import (
-    IGNORE_INDEX, encode, encode_batch, generation_prompt, special_ids, stop_words, to_messages,
-    validate_conversation,
+    IGNORE_INDEX, add_template_tokens, check_template_tokens, encode, encode_batch, generation_prompt, special_ids,
+    stop_words, to_messages, unspellable_markers, validate_conversation,
 )
 from .errors import DataError
 from .loading import load
@@ -22,7 +22,7 @@ from .pipeline import DataReport, build_dataset, encode_dataset, load_tokenizer
 from .templates import SYSTEM_TEMPLATE, TEMPLATES, Template, get_template, register_template
 
 __all__ = [
-    "IGNORE_INDEX", "MAP_FNS", "SYSTEM_TEMPLATE", "TEMPLATES", "DataError", "DataReport", "RowError",
+    "IGNORE_INDEX", "MAP_FNS", "add_template_tokens", "check_template_tokens", "unspellable_markers", "SYSTEM_TEMPLATE", "TEMPLATES", "DataError", "DataReport", "RowError",
     "Template", "build_dataset", "detect_map_fn", "encode", "encode_batch", "encode_dataset",
     "generation_prompt", "stop_words", "get_map_fn", "get_template", "load", "load_tokenizer", "pack_dataset",
     "plan_bins", "register_map_fn", "register_template", "special_ids", "to_messages",

@@ -372,3 +372,45 @@ def stop_words(tokenizer, template) -> list[str]:
             if tok in tokenizer.get_vocab() and tok not in words:
                 words.append(tok)
     return words
+
+
+def unspellable_markers(tokenizer, template) -> dict[str, int]:
+    """The template's markers (``Template.markers``) that this tokenizer has no
+    single token for, with how many tokens it splits each into."""
+    out = {}
+    for marker in get_template(template).markers():
+        n = len(tokenizer.encode(marker, add_special_tokens=False))
+        if n != 1:
+            out[marker] = n
+    return out
+
+
+def check_template_tokens(tokenizer, template, where: str = "") -> None:
+    """Refuse a template whose markers the tokenizer would spell as text fragments:
+    training would teach the fragments, and generation could never stop on them."""
+    missing = unspellable_markers(tokenizer, template)
+    if not missing:
+        return
+    name = get_template(template).name
+    split = ", ".join(f"{m} -> {n} tokens" for m, n in missing.items())
+    raise DataError(
+        f"{where + ': ' if where else ''}template {name} needs {', '.join(missing)} as single tokens, but this "
+        f"tokenizer splits them ({split}): the model would learn fragments of text and never stop where it should. "
+        "Pick the template of this model's family (ftstudio list-template; hf_chat_template uses the tokenizer's "
+        "own), or add them as new tokens: model.add_template_tokens=true (check-dataset --add-template-tokens) "
+        "grows the embeddings and trains their new rows.")
+
+
+def add_template_tokens(tokenizer, template) -> list[str]:
+    """Add the template's missing markers to ``tokenizer`` as special tokens; returns them."""
+    missing = list(unspellable_markers(tokenizer, template))
+    add_tokens(tokenizer, missing)
+    return missing
+
+
+def add_tokens(tokenizer, tokens: list[str]) -> None:
+    """Add special tokens (those a run added, recorded in its checkpoint, say)."""
+    if tokens:
+        tokenizer.add_special_tokens({"additional_special_tokens": list(tokens)}, replace_extra_special_tokens=False)
+        if hasattr(tokenizer, "_ftstudio_fingerprint"):
+            del tokenizer._ftstudio_fingerprint  # the vocabulary changed: the data cache key must too

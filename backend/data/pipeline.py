@@ -22,7 +22,7 @@ from functools import partial
 import datasets
 import numpy as np
 
-from .encode import DROP_EMPTY, DROP_NO_LOSS, KEPT, encode_batch, validate_conversation
+from .encode import DROP_EMPTY, DROP_NO_LOSS, KEPT, check_template_tokens, encode_batch, validate_conversation
 from .errors import DataError
 from .loading import load
 from .map_fns import RowError, detect_map_fn, get_map_fn, map_fn_name
@@ -238,6 +238,7 @@ def build_dataset(
             raise DataError(f"{where}: {reason}")
         reason = f"auto-detected from {reason}"
     template_obj = get_template(template)
+    check_template_tokens(tokenizer, template_obj)
     if template_obj.uses_tokenizer_chat_template and not getattr(tokenizer, "chat_template", None):
         raise DataError(
             "template 'hf_chat_template' needs a tokenizer with a chat_template; this one has none. "

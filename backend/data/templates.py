@@ -15,9 +15,13 @@ where only the middle part carries loss (see ``backend.data.encode``).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from .errors import DataError
+
+# a template's turn markers: <|im_end|>, <｜end▁of▁sentence｜>, <eoa>, <start_of_turn>
+_MARKER = re.compile(r"<\|[^<>|\s]+\|>|<｜[^<>｜]+｜>|</?[A-Za-z_]\w*>")
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,19 @@ class Template:
             rendered = self.SYSTEM.format(system=system) + rendered
         return rendered
 
+    def markers(self) -> list[str]:
+        """The markers this format needs as single tokens: its end-of-turn markers
+        (SUFFIX, STOP_WORDS) and every marker spelled in their style. XTuner's
+        plain-text markers (``<|User|>:`` in ``default``, ``<|Human|>`` beside
+        ``<eoh>``) are text to every tokenizer and are not listed."""
+        if self.raw or self.uses_tokenizer_chat_template:
+            return []
+        ends = _MARKER.findall(" ".join([self.SUFFIX, *self.STOP_WORDS]))
+        styles = {_style(m) for m in ends}
+        texts = [self.SYSTEM or "", self.INSTRUCTION, self.SUFFIX, self.SEP, *self.STOP_WORDS]
+        found = [m for m in _MARKER.findall(" ".join(texts)) if _style(m) in styles]
+        return list(dict.fromkeys(found))
+
     def to_dict(self) -> dict:
         return {
             "name": self.name,
@@ -69,6 +86,10 @@ class Template:
             "SEP": self.SEP,
             "STOP_WORDS": list(self.STOP_WORDS),
         }
+
+
+def _style(marker: str) -> str:
+    return "bar" if marker.startswith("<|") else "wide" if marker.startswith("<｜") else "angle"
 
 
 TEMPLATES: dict[str, Template] = {}

@@ -7,11 +7,16 @@ from ..config import Config
 
 
 def training_tokenizer(cfg: Config):
-    from ..data import load_tokenizer
+    """The tokenizer a config trains with; with ``model.add_template_tokens`` it also
+    holds the template's markers it lacked (the model's embeddings grow to match)."""
+    from ..data import add_template_tokens, load_tokenizer
     from ..demo import resolve_model
 
-    return load_tokenizer(cfg.model.tokenizer or resolve_model(cfg.model.name_or_path),
-                          trust_remote_code=cfg.model.trust_remote_code)
+    tokenizer = load_tokenizer(cfg.model.tokenizer or resolve_model(cfg.model.name_or_path),
+                               trust_remote_code=cfg.model.trust_remote_code)
+    if cfg.model.add_template_tokens:
+        add_template_tokens(tokenizer, cfg.data.template)
+    return tokenizer
 
 
 def training_data(cfg: Config, tokenizer, *, pack: bool):

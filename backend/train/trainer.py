@@ -78,7 +78,25 @@ def resolve_attention(name: str) -> str:
 # --- model -----------------------------------------------------------------------------
 
 
-def load_model(cfg: Config, model_path: str, dtype: torch.dtype, attn: str):
+def grow_embeddings(model, tokenizer, template: str) -> list[int]:
+    """Rows for the template markers ``model.add_template_tokens`` added to the
+    tokenizer: the embeddings (and an untied head) grow to the tokenizer's size;
+    returns the new rows' token ids (they must be trained)."""
+    from ..data import get_template
+
+    rows = model.get_input_embeddings().num_embeddings
+    ids = {tokenizer.convert_tokens_to_ids(m) for m in get_template(template).markers()}
+    new = sorted(i for i in ids if isinstance(i, int) and i >= rows)
+    if new:
+        model.resize_token_embeddings(len(tokenizer))  # new rows start at the mean of the old ones
+    return new
+
+
+def module_name(model, module) -> str:
+    return next(name for name, m in model.named_modules() if m is module).rsplit(".", 1)[-1]
+
+
+def load_model(cfg: Config, model_path: str, dtype: torch.dtype, attn: str, tokenizer=None):
     from transformers import AutoModelForCausalLM
 
     method = cfg.training.method
@@ -92,6 +110,7 @@ def load_model(cfg: Config, model_path: str, dtype: torch.dtype, attn: str):
         kwargs["device_map"] = {"": local_rank} if torch.cuda.is_available() else {"": "cpu"}
     model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
     model.config.use_cache = False
+    new_rows = grow_embeddings(model, tokenizer, cfg.data.template) if tokenizer is not None else []
     if method == "full":
         return model
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -104,8 +123,31 @@ def load_model(cfg: Config, model_path: str, dtype: torch.dtype, attn: str):
     lora = LoraConfig(
         r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
         target_modules=cfg.lora.target_modules, bias=cfg.lora.bias, task_type="CAUSAL_LM",
+        trainable_token_indices=new_token_rows(model, new_rows) or None,
     )
     return get_peft_model(model, lora)
+
+
+def new_token_rows(model, ids: list[int]) -> dict[str, list[int]]:
+    """peft's trainable_token_indices for added tokens: the embedding's rows, and
+    the head's too when it is not tied to the embedding."""
+    if not ids:
+        return {}
+    rows = {module_name(model, model.get_input_embeddings()): ids}
+    head = model.get_output_embeddings()
+    if head is not None and head.weight is not model.get_input_embeddings().weight:
+        rows[module_name(model, head)] = ids
+    return rows
+
+
+def added_template_tokens(tokenizer, cfg: Config) -> list[str]:
+    """The template markers this run added to its tokenizer (recorded so export and chat add them too)."""
+    if not cfg.model.add_template_tokens:
+        return []
+    from ..data import get_template
+
+    added = tokenizer.get_added_vocab()
+    return [m for m in get_template(cfg.data.template).markers() if m in added]
 
 
 def quantization_config(cfg: Config, dtype: torch.dtype):
@@ -383,7 +425,7 @@ def train(run_dir: Path, deepspeed: str | None = None, resume: str | None = None
     from transformers import set_seed
 
     set_seed(cfg.training.seed)  # LoRA's initial weights come from this too: same seed, same run
-    model = load_model(cfg, model_path, dtype, attn)
+    model = load_model(cfg, model_path, dtype, attn, tokenizer)
     if rank == 0 and hasattr(model, "print_trainable_parameters"):
         model.print_trainable_parameters()
     if cfg.data.pack:
@@ -404,6 +446,10 @@ def train(run_dir: Path, deepspeed: str | None = None, resume: str | None = None
                  "target_modules": cfg.lora.target_modules, "bias": cfg.lora.bias}
         if cfg.training.method != "full" else None,
         "dtype": str(dtype).replace("torch.", ""),
+        "vocab_size": len(tokenizer),
+        "added_tokens": added_template_tokens(tokenizer, cfg),
+        "trainable_token_indices": getattr(getattr(model, "peft_config", {}).get("default"),
+                                           "trainable_token_indices", None),
     }
     trainer = StudioTrainer(
         model=model, args=args, train_dataset=samples, data_collator=collator,

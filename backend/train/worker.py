@@ -113,16 +113,16 @@ def main(argv=None) -> int:
     ap.add_argument("--slurm", action="store_true", help="take ranks from SLURM_* variables")
     ap.add_argument("--no-redirect", action="store_true", help="keep stdout/stderr (debugging)")
     args = ap.parse_args(argv)
+    from ..core.rundir import RunDir
+
     run_dir = Path(args.run_dir).resolve()
+    run = RunDir(run_dir)
     if args.slurm:
         slurm_to_torch_env()
     if not args.no_redirect:
-        redirect_output(run_dir / "train.log")
+        redirect_output(run.train_log)
     if args.deepspeed:
         skip_deepspeed_shm_build()
-    from ..core.rundir import RunDir
-
-    run = RunDir(run_dir)
     abort_flag = AbortFlag(run)
     rank = int(os.environ.get("RANK", "0"))
     try:
