@@ -136,3 +136,18 @@ def test_outputs_that_would_destroy_files(tmp_path, tiny_model):
     assert ftstudio("copy-cfg", "tiny_demo", tmp_path / "copy", cwd=tmp_path).returncode == 0
     one_line_error(ftstudio("copy-cfg", "tiny_demo", tmp_path / "copy", cwd=tmp_path), "already exists")
     assert (mine / "thesis.tex").read_text() == "years of work"
+
+
+def test_a_folder_that_holds_a_run_is_refused_for_a_new_run(tmp_path, tiny_model):
+    from backend.core.rundir import RunDir
+
+    earlier = RunDir(tmp_path / "work_dirs" / "tiny_demo-127.0.0.1-29555")  # the default two-node folder
+    earlier.claim_new()
+    earlier.start("running")
+    earlier.end("finished", 0)
+    earlier.append_metric({"step": 1, "loss": 1.0})
+    out = ftstudio("train", "tiny_demo", "--work-dir", earlier.path, cwd=tmp_path)
+    one_line_error(out, "holds an earlier run (finished", "--resume")
+    env = {"NPROC_PER_NODE": "1", "NNODES": "2", "NODE_RANK": "0", "ADDR": "127.0.0.1", "PORT": "29555"}
+    one_line_error(ftstudio("train", "tiny_demo", cwd=tmp_path, env=env), "holds an earlier run", "--work-dir NEW")
+    assert earlier.metrics() == [{"step": 1, "loss": 1.0}] and earlier.status()["state"] == "finished"

@@ -82,9 +82,9 @@ def test_second_run_is_served_from_cache(tmp_path, minimind_tokenizer):
 
 
 def test_num_proc_gives_the_same_samples(minimind_tokenizer):
-    one, _ = build_dataset(CODE_ALPACA, tokenizer=minimind_tokenizer, template="llama3_chat",
+    one, _ = build_dataset(CODE_ALPACA, tokenizer=minimind_tokenizer, template="qwen_chat",
                            max_length=128, max_rows=400)
-    two, _ = build_dataset(CODE_ALPACA, tokenizer=minimind_tokenizer, template="llama3_chat",
+    two, _ = build_dataset(CODE_ALPACA, tokenizer=minimind_tokenizer, template="qwen_chat",
                            max_length=128, max_rows=400, num_proc=2)
     assert one["input_ids"][:] == two["input_ids"][:] and one["labels"][:] == two["labels"][:]
 

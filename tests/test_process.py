@@ -35,3 +35,17 @@ def test_start_follow_abort_resume(tmp_path, tiny_model):
     assert st["state"] == "finished" and st["resumed_from"]
     steps = [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl")]
     assert steps == list(range(1, 401)) and stopped < 400
+
+
+def test_abort_while_queued_stops_the_launcher_before_training(tmp_path, tiny_model):
+    cfg = load_config("tiny_demo", ["training.max_steps=400", "evaluation.inputs=[]"])
+    run = RunDir(tmp_path / "work_dirs" / "queued")
+    proc = start_detached(cfg, run.path)
+    assert effective_status(run)["state"] == "queued"
+    asked, said = abort(run)
+    assert asked and "before training began" in said, said
+    # 143 from its handler, or -15 if SIGTERM came before Python had installed one: the same stop to a shell
+    assert proc.wait(timeout=120) in (143, -15), run.launcher_log.read_text()[-2000:]
+    st = effective_status(run)
+    assert st["state"] == "aborted" and st["exit_code"] == 143, st
+    assert not run.metrics() and not run.train_log.exists()  # no rank ever started

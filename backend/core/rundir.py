@@ -332,6 +332,8 @@ def _record_end(run: RunDir) -> dict:
         state, error = result["state"], result.get("error")
         code = 0 if state == "finished" else ABORTED_EXIT if state == "aborted" else int(result.get("exit_code") or 1)
         error = error if state == "failed" else None
+    elif status["state"] == "queued" and run.stop_requested():
+        state, code, error = "aborted", ABORTED_EXIT, None  # stopped, as asked, before training began
     elif status["state"] == "queued":
         state, code = "failed", 1
         error = last_error(run.launcher_log) or "the launcher stopped before training began"
