@@ -268,3 +268,12 @@ def test_only_the_two_owners_spell_the_run_folder_and_artifact_names():
             offenders[rel] = spelled_names(path)
     assert not offenders, offenders
     assert spelled_names(ROOT / "backend/core/rundir.py") and spelled_names(ROOT / "backend/core/artifacts.py")
+
+
+def test_the_core_imports_nothing_above_it():
+    for path in sorted((ROOT / "backend" / "core").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                assert node.level == 1, f"{path.name} imports {'.' * node.level}{node.module}"
+            if isinstance(node, ast.ImportFrom) and not node.level and node.module:
+                assert not node.module.startswith("backend") or node.module.startswith("backend.core"), path.name
