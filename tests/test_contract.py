@@ -277,3 +277,16 @@ def test_the_core_imports_nothing_above_it():
                 assert node.level == 1, f"{path.name} imports {'.' * node.level}{node.module}"
             if isinstance(node, ast.ImportFrom) and not node.level and node.module:
                 assert not node.module.startswith("backend") or node.module.startswith("backend.core"), path.name
+
+
+def test_a_child_just_started_is_recorded_with_its_own_command_line():
+    """Right after Popen returns, /proc often still shows an empty command line
+    (the child is inside execve): the record waits for the real one."""
+    for _ in range(30):
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(5)", "marker"], start_new_session=True)
+        try:
+            record = procs.capture(child.pid)
+            assert record is not None and record.argv[-1] == "marker" and record.matches()
+        finally:
+            child.kill()
+            child.wait()

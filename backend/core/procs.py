@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -95,12 +96,20 @@ class ProcessRecord:
         return start_ticks(self.pid) == self.start and tuple(cmdline(self.pid) or ()) == self.argv
 
 
-def capture(pid: int) -> ProcessRecord | None:
-    """The record of a live local process (None if it is already gone)."""
-    start, argv = start_ticks(pid), cmdline(pid)
-    if start is None or argv is None:
-        return None
-    return ProcessRecord(hostname(), boot_id(), pid, start, tuple(argv))
+def capture(pid: int, wait_s: float = 10.0) -> ProcessRecord | None:
+    """The record of a live local process (None if it is gone). A child just
+    started may still be inside execve, where /proc shows an empty command line
+    (the new program's arguments are set up after the parent resumes): wait for them."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        start, argv = start_ticks(pid), cmdline(pid)
+        if start is None:
+            return None
+        if argv is not None:
+            return ProcessRecord(hostname(), boot_id(), pid, start, tuple(argv))
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(0.005)
 
 
 def children(pid: int) -> list[int]:
