@@ -14,7 +14,7 @@ from backend.chat import ModelCache
 from backend.config import ConfigError
 from backend.core.artifacts import ArtifactError
 from backend.core.atomic import OutputError
-from backend.core.guard import BUNDLED, Guard, GuardError  # noqa: F401 - BUNDLED: the demo's folder, for views
+from backend.core.guard import Guard, GuardError
 from backend.core.rundir import RunFolderError
 from backend.data import DataError
 from backend.launch import LaunchError

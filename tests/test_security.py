@@ -11,11 +11,8 @@ canary file the payloads would create does not exist).
 from __future__ import annotations
 
 import json
-import os
-import pickle
 import subprocess
 import sys
-import time
 import uuid
 import urllib.request
 from pathlib import Path
@@ -206,7 +203,7 @@ def test_train_endpoints_refuse_outside_paths_and_code(attack):
 
 
 def test_run_endpoints_only_take_runs_of_this_studio(attack):
-    client, work = attack["client"], attack["work"]
+    client = attack["client"]
     names = ["..", "../outside", str(attack["outside"]), "/", "link_out", "uploads", ".", "configs"]
     for name in names:
         table, *plots, summary, log, samples = client.predict([name], api_name="/runs_refresh")

@@ -30,7 +30,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from .atomic import atomic_dir, check_replaceable, write_json
+from .atomic import atomic_dir, check_replaceable, read_json, write_json
 
 ITER_FORMAT = "ftstudio-iter/1"
 KINDS = ("full", "lora", "qlora")  # what a run trains
@@ -200,14 +200,7 @@ def lora_targets(state_dict) -> list[str]:
 
 def read_meta(folder: str | os.PathLike) -> dict:
     """A folder's ``ftstudio.json`` (empty if absent or not ours)."""
-    path = Path(folder) / META_FILE
-    try:
-        if path.is_symlink() or not path.is_file():
-            return {}
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
+    return read_json(Path(folder) / META_FILE)
 
 
 def output_kind(folder: str | os.PathLike) -> str | None:

@@ -64,6 +64,19 @@ def write_json(path: str | os.PathLike, data) -> Path:
     return write_text(path, json.dumps(data, indent=1, ensure_ascii=False, default=str))
 
 
+def read_json(path: str | os.PathLike) -> dict:
+    """A JSON object we wrote: {} if the file is missing, a link, unreadable or not an object
+    (records are data; a broken or planted one reads as nothing)."""
+    path = Path(path)
+    try:
+        if path.is_symlink() or not path.is_file():
+            return {}
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def write_new_file(path: str | os.PathLike, text: str, *, overwrite: bool = False) -> Path:
     """Like ``write_text`` but refuses to replace an existing file unless asked to."""
     path = Path(path)

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import procs
-from .artifacts import CONVERTED_SUBDIR, MERGED_SUBDIR, iter_step
+from .artifacts import CONVERTED_SUBDIR, MERGED_SUBDIR
 from .rundir import NOT_RUNS, UPLOADS, RunDir, is_launcher_command
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]

@@ -35,7 +35,7 @@ from pathlib import Path
 
 from . import procs
 from .artifacts import list_iters
-from .atomic import write_json, write_text
+from .atomic import read_json, write_json, write_text
 
 STATES = ("queued", "running", "finished", "failed", "aborted")
 ACTIVE = ("queued", "running")
@@ -78,16 +78,6 @@ def read_jsonl(path) -> list[dict]:
     return out
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        if path.is_symlink():
-            return {}
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
 def checkpoint_step(path: str | os.PathLike) -> int | None:
     m = _CKPT.match(Path(path).name)
     return int(m.group(1)) if m else None
@@ -121,7 +111,7 @@ class RunDir:
     def is_run(self) -> bool:
         """A folder with our status record in it (a regular file naming a known state)."""
         status = self.path / STATUS
-        return status.is_file() and not status.is_symlink() and _read_json(status).get("state") in STATES
+        return status.is_file() and not status.is_symlink() and read_json(status).get("state") in STATES
 
     def claim_new(self) -> None:
         """Make this folder a new run's: it must not exist yet, or be empty."""
@@ -156,7 +146,7 @@ class RunDir:
     # --- status ---------------------------------------------------------------------
 
     def status(self) -> dict:
-        return _read_json(self.path / STATUS)
+        return read_json(self.path / STATUS)
 
     def write_status(self, **fields) -> dict:
         status = {**self.status(), **fields}
@@ -181,7 +171,7 @@ class RunDir:
         self._write(RESULT, {"state": state, "error": error, "exit_code": exit_code, "time": time.time()})
 
     def result(self) -> dict:
-        return _read_json(self.path / RESULT)
+        return read_json(self.path / RESULT)
 
     def clear_result(self) -> None:
         (self.path / RESULT).unlink(missing_ok=True)
@@ -207,7 +197,7 @@ class RunDir:
         self._write(LAUNCH, shape)
 
     def launch(self) -> dict:
-        return _read_json(self.path / LAUNCH)
+        return read_json(self.path / LAUNCH)
 
     # --- metrics and samples ----------------------------------------------------------
 
