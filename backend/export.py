@@ -31,7 +31,6 @@ from .core.guard import Guard
 from .models import base_location, fit_embeddings, load_causal_lm
 
 PARITY_PROMPTS = ("Hello! Who are you?", "Give three tips for staying healthy.", "1 + 1 =")
-ExportError = ArtifactError  # the name callers of convert/merge know
 
 
 def _save_tokenizer(tokenizer, folder: Path, template_name: str) -> bool:

@@ -17,7 +17,7 @@ import subprocess
 from pathlib import Path
 
 from .core.guard import Guard
-from .core.rundir import ACTIVE, RunDir, effective_status, list_runs as _run_folders
+from .core.rundir import ACTIVE, RunDir, RunFolderError, effective_status, list_runs as _run_folders
 
 
 def list_runs(work_dir="work_dirs") -> list[dict]:
@@ -32,8 +32,6 @@ def active_runs(work_dir="work_dirs") -> list[dict]:
 
 def run_folder(path: str | Path) -> RunDir:
     """A run folder named on the command line (refused if it holds no run)."""
-    from .core.rundir import RunFolderError
-
     run = RunDir(path)
     if not run.is_run():
         raise RunFolderError(f"{path}: not a run folder (no run status in it)")

@@ -48,10 +48,6 @@ class StudioContext:
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self.allowed_paths = self.guard.allowed_paths
 
-    @property
-    def roots(self) -> list[Path]:
-        return self.guard.roots
-
     def reap(self) -> None:
         """Collect finished background launchers (no zombies in a long-lived studio)."""
         self.children = [p for p in self.children if p.poll() is None]

@@ -45,17 +45,16 @@ def _short_time(stamp: str | None) -> str:
     return (stamp or "")[:19].replace("T", " ")
 
 
-def runs_table(ctx: StudioContext) -> tuple[list[dict], pd.DataFrame]:
-    runs = list_runs(ctx.work_dir)
+def runs_table(ctx: StudioContext) -> pd.DataFrame:
     rows = []
-    for r in runs:
+    for r in list_runs(ctx.work_dir):
         s = summarize(r, metrics(RunDir(r["run_dir"])))
         rows.append([r["name"], s.state, r.get("config", ""), r.get("method", ""),
                      _short_time(r.get("started")), _short_time(r.get("ended")),
                      f"{s.step}/{s.max_steps or ''}" if s.step is not None else "",
                      f"{s.loss:.4f}" if s.loss is not None else "",
                      f"{s.tokens_per_s:,.0f}" if s.tokens_per_s else ""])
-    return runs, pd.DataFrame(rows, columns=TABLE_HEADERS)
+    return pd.DataFrame(rows, columns=TABLE_HEADERS)
 
 
 def selected_runs(ctx: StudioContext, names) -> list[RunDir]:
@@ -184,7 +183,7 @@ def build(ctx: StudioContext) -> RunsTab:
     def refresh(names, shown):
         ctx.reap()
         shown = shown if isinstance(shown, dict) else {}
-        _, df = runs_table(ctx)
+        df = runs_table(ctx)
         out = {}
         sig = df.to_json()
         out[table] = df if shown.get("table") != sig else gr.skip()

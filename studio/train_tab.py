@@ -16,6 +16,7 @@ from backend.config import (
     SECTIONS, Config, ConfigError, from_dict, guard_field, list_recipes, load_config, schema, set_field,
 )
 from backend.core.atomic import write_text
+from backend.core.guard import is_plain_name
 from backend.core.rundir import CONFIG, CONFIGS, effective_status
 from backend.launch import DEEPSPEED_NAMES, LaunchError, LaunchSpec, start_detached
 from backend.memory import estimate_for
@@ -89,7 +90,7 @@ def form_to_config(ctx: StudioContext, name: str, values: list) -> tuple[Config 
         data.setdefault(f["section"], {})[f["name"]] = value
     if errors:
         return None, errors, ""
-    if not data["name"].replace("-", "").replace("_", "").replace(".", "").isalnum():
+    if not is_plain_name(data["name"]):
         return None, {}, f"run name {data['name']!r}: use letters, digits, '-', '_' and '.' only"
     try:
         return from_dict(data, source="form"), {}, ""

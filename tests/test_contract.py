@@ -52,6 +52,9 @@ def test_outputs_replace_only_our_own_of_the_same_kind_when_asked(tmp_path):
         with output_dir(target, "merged", overwrite=True) as out:  # another kind of ours: still refused
             out.finish({"kind": "merged"})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "theirs"]  # no temp folder left
+    # a name of the shape of our temp folders would be taken for a leftover and cleaned: never an output
+    with pytest.raises(OutputError, match="kept for our temporary writes"):
+        export_to(tmp_path / ".out.ftstudio-new-mine", "x")
 
 
 def test_a_failed_write_leaves_the_old_output(tmp_path):

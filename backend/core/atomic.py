@@ -22,6 +22,7 @@ import ctypes
 import errno
 import json
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -145,6 +146,9 @@ def check_replaceable(target: Path, is_ours: Callable[[Path], bool], what: str, 
     """Raise OutputError unless writing ``target`` destroys nothing we did not write."""
     if target.is_symlink():
         raise OutputError(f"{target} is a symbolic link; give a real folder")
+    if re.match(rf"^\..*\.({_NEW}|{_OLD})-", target.name):
+        raise OutputError(f"{target.name}: names like .<name>.{_NEW}-* are kept for our temporary writes; "
+                          "choose another name")
     if not target.exists() or _is_empty_dir(target):
         return
     if not target.is_dir():

@@ -51,6 +51,11 @@ def is_hub_id(value: str) -> bool:
     return bool(_HUB_ID.match(value)) and ".." not in value and not value.endswith(".")
 
 
+def is_plain_name(name: str) -> bool:
+    """A run or config name: letters, digits, '-', '_' and '.', starting with a letter or digit."""
+    return bool(_NAME.match(name or "")) and name not in NOT_RUNS
+
+
 def is_custom_map_fn(value: str | None) -> bool:
     return bool(value) and (":" in str(value) or str(value).endswith(".py"))
 
@@ -211,7 +216,7 @@ class Guard:
                          f"(it has {', '.join(p.name for _, p in run.iters()) or 'none yet'})")
 
     def new_run(self, name: str) -> RunDir:
-        if not _NAME.match(name or "") or name in NOT_RUNS:
+        if not is_plain_name(name):
             raise GuardError(f"run name {name!r}: use letters, digits, '-', '_' and '.' only")
         return RunDir(self.work_dir / name)
 
