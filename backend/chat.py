@@ -10,10 +10,9 @@ start of a stop word is held back, so a stop word never leaks into the reply.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Iterator
 
-from .core.artifacts import ArtifactError, check_model_folder, check_weights, has_tokenizer, is_adapter, read_meta
+from .core.artifacts import ArtifactError, check_weights, has_tokenizer, is_adapter, read_meta
 from .core.guard import Guard
 
 
@@ -76,8 +75,6 @@ def load_chat_model(llm: str, adapter: str | None = None, template: str | None =
 
     guard = guard or Guard.cli()
     llm_path = base_location(llm, guard, "model")
-    if Path(llm_path).is_dir():
-        check_model_folder(llm_path, "model")
     if adapter is not None and not is_adapter(adapter):
         raise ArtifactError(f"adapter {adapter}: not an adapter folder (convert an iter_<N>.pth with "
                             "`ftstudio convert pth_to_hf` first)")
@@ -88,10 +85,10 @@ def load_chat_model(llm: str, adapter: str | None = None, template: str | None =
                             "(ftstudio list-template)")
     tpl = get_template(template_name)  # raises, listing the known names, if unknown
     dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-    tok_source = adapter if adapter and has_tokenizer(adapter) else llm_path
-    tokenizer = load_tokenizer(str(tok_source), trust_remote_code=trust_remote_code)
     model = load_causal_lm(llm_path, trust_remote_code=trust_remote_code, what="model", dtype="auto",
                            **_quantized(bits, dev))
+    tok_source = adapter if adapter and has_tokenizer(adapter) else llm_path
+    tokenizer = load_tokenizer(str(tok_source), trust_remote_code=trust_remote_code)
     if not bits:
         model = model.to(dev)
     if adapter:

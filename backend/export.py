@@ -23,9 +23,8 @@ import os
 from pathlib import Path
 
 from .core.artifacts import (
-    ADAPTER_BIN, ADAPTER_CONFIG, ADAPTER_SAFETENSORS, CONVERTED, MERGED, ArtifactError, check_model_folder,
-    check_output, check_weights, converted_dir, has_tokenizer, is_adapter, is_model, lora_targets, output_dir,
-    output_kind, read_iter, read_meta,
+    ADAPTER_BIN, ADAPTER_CONFIG, ADAPTER_SAFETENSORS, CONVERTED, MERGED, ArtifactError, check_output, check_weights,
+    converted_dir, has_tokenizer, is_adapter, is_model, lora_targets, output_dir, output_kind, read_iter, read_meta,
 )
 from .core.guard import Guard
 from .models import base_location, fit_embeddings, load_causal_lm
@@ -149,17 +148,15 @@ def merge(llm: str, adapter: str | os.PathLike, save_path: str | os.PathLike, *,
         what = "a complete (already merged or fully fine-tuned) model" if is_model(adapter) else "not an adapter"
         raise ArtifactError(f"{adapter} is {what}: it has no {ADAPTER_CONFIG}, so there is nothing to merge")
     llm_path = base_location(llm, guard, "base model")
-    if Path(llm_path).is_dir():
-        check_model_folder(llm_path, "base model")
     if Path(llm_path).exists() and read_meta(llm_path).get("merged_adapter") == str(adapter.resolve()):
         raise ArtifactError(f"{llm} already has {adapter} merged into it; merging it again would apply it twice")
     target = check_output(guard.output_dir(save_path), MERGED, overwrite)
     meta = read_meta(adapter)
     dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-    tokenizer = load_tokenizer(str(adapter) if has_tokenizer(adapter) else llm_path,
-                               trust_remote_code=trust_remote_code)
     base = load_causal_lm(llm_path, trust_remote_code=trust_remote_code, what="base model",
                           dtype=torch.float32).to(dev)
+    tokenizer = load_tokenizer(str(adapter) if has_tokenizer(adapter) else llm_path,
+                               trust_remote_code=trust_remote_code)
     fit_embeddings(base, len(tokenizer))
     try:
         check_weights(adapter)

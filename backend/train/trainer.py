@@ -83,12 +83,13 @@ def grow_embeddings(model, tokenizer, template: str) -> list[int]:
     tokenizer: the embeddings (and an untied head) grow to the tokenizer's size;
     returns the new rows' token ids (they must be trained)."""
     from ..data import get_template
+    from ..models import fit_embeddings
 
     rows = model.get_input_embeddings().num_embeddings
     ids = {tokenizer.convert_tokens_to_ids(m) for m in get_template(template).markers()}
     new = sorted(i for i in ids if isinstance(i, int) and i >= rows)
     if new:
-        model.resize_token_embeddings(len(tokenizer))  # new rows start at the mean of the old ones
+        fit_embeddings(model, len(tokenizer))  # new rows start at the mean of the old ones
     return new
 
 
