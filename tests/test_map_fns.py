@@ -93,8 +93,141 @@ CASES = {
     "colors": _colors_rows(),
 }
 
-# XTuner map_fns we do not provide (multimodal / agent formats).
-NOT_PROVIDED = {"llava", "llava_image_only", "msagent_react"}
+
+# --- MSAgent-Bench rows ------------------------------------------------------------------
+# /work/shared has no MSAgent-Bench file: these rows are built in its format (the
+# ModelScope plugin tools, the system preamble, <|startofthink|>```JSON {api_name,
+# parameters}```<|endofthink|> calls and <|startofexec|> results, conversations
+# stored as text), with every case XTuner's msagent_react_map_fn branches on.
+
+_MSAGENT_PREAMBLE = (
+    "当前对话可以使用的插件信息如下，请自行判断是否需要调用插件来解决当前用户问题。若需要调用插件，则需要将插件调用请求按照"
+    "json格式给出，必须包含api_name、parameters字段，并在其前后使用<|startofthink|>和<|endofthink|>作为标志。"
+    "然后你需要根据插件API调用结果生成合理的答复； 若无需调用插件，则直接给出对应回复即可。\n\n"
+)
+
+
+def _tool(name, description, params=None):
+    tool = {"name": name, "description": description, "url": "http://90.49.118.175:2603/"}
+    if params is not None:
+        tool["paths"] = [{"name": name, "model_id": f"/damo/{name}", "method": "post", "description": description,
+                          "parameters": [{"name": k, "description": v, "required": "True"} for k, v in params.items()]}]
+    return tool
+
+
+_TTS = _tool("modelscope_speech-generation", "针对回复的内容，用语音表示，同时可以选择是男声或者女声",
+             {"text": "要转成语音的文本", "gender": "用户身份"})
+_IE = _tool("modelscope_text-ie", "针对中文的文本，根据schema要抽取的内容，找出其中对应信息，并用json格式展示",
+            {"input": "用户输入的文本", "schema": "要抽取信息的json表示"})
+_ADDRESS = _tool("modelscope_text-address", "针对中文的地址信息，识别出里面的元素，包括省、市、区、镇、社区、道路、路号等",
+                 {"inputs": "输入地址信息"})
+_TRANSLATE = _tool("modelscope_text-translation-zh2en", "将输入的中文文本翻译成英文", {"text": "用户输入的中文文本"})
+
+
+def _system(*tools):
+    return {"from": "system", "value": _MSAGENT_PREAMBLE + "\n\n".join(
+        f"{i}. {json.dumps(t, ensure_ascii=False)}" for i, t in enumerate(tools, 1))}
+
+
+def _user(text):
+    return {"from": "user", "value": text}
+
+
+def _assistant(text):
+    return {"from": "assistant", "value": text}
+
+
+def _call(api_name, parameters, fence=True):
+    body = json.dumps({"api_name": api_name, "url": f"http://90.49.118.175:2603/damo/{api_name}",
+                       "parameters": parameters}, ensure_ascii=False)
+    return "<|startofthink|>" + (f"```JSON\n{body}\n```" if fence else body) + "<|endofthink|>"
+
+
+def _result(value=None, fence=True, raw=None):
+    body = json.dumps(value, ensure_ascii=False) if raw is None else raw
+    return "<|startofexec|>" + (f"```JSON\n{body}\n```" if fence else body) + "<|endofexec|>"
+
+
+_AUDIO = "<audio id=audio controls= preload=none> <source id=wav src=http://xdp/5c68265546564117.wav> </audio>"
+_POEM = "秋天，是一个美丽的季节，金黄的落叶铺满大地。"
+
+
+def _msagent_rows():
+    tts = [_system(_TTS, _IE, _ADDRESS), _user("生成一首诗歌，主题为“秋天的美景”，读出来这段话"),
+           _assistant(f"{_POEM}{_call(_TTS['name'], {'text': _POEM, 'gender': 'woman'})}\n\n"
+                      f"{_result({'result': _AUDIO})}\n{_AUDIO}")]
+    ie = [_system(_IE, _TRANSLATE), _user("从下面的句子中抽取人物和地点：张三昨天去了杭州西湖。"),
+          _assistant(_call(_IE["name"], {"input": "张三昨天去了杭州西湖。", "schema": {"人物": None, "地点": None}})
+                     + "\n\n" + _result({"result": {"人物": ["张三"], "地点": ["杭州西湖"]}})
+                     + "\n人物：张三；地点：杭州西湖。")]
+    address = [_system(_ADDRESS), _user("浙江省杭州市余杭区文一西路969号 这个地址的区是哪里？"),
+               _assistant("我来识别这个地址。" + _call(_ADDRESS["name"], {"inputs": "浙江省杭州市余杭区文一西路969号"})
+                          + _result({"prov": "浙江省", "city": "杭州市", "district": "余杭区"}))]
+    chat = [_system(_TTS, _TRANSLATE), _user("你好，你是谁？"), _assistant("我是一个可以调用外部工具的助手。")]
+    no_system = [_user("1+1等于几？"), _assistant("等于2。"), _user("再加3呢？"), _assistant("等于5。")]
+    two_rounds = [_system(_TRANSLATE, _TTS), _user("把“今天天气很好”翻译成英文"),
+                  _assistant(_call(_TRANSLATE["name"], {"text": "今天天气很好"})
+                             + _result({"result": "The weather is nice today."}) + "The weather is nice today."),
+                  _user("用男声读出来"),
+                  _assistant("好的，" + _call(_TTS["name"], {"text": "The weather is nice today.", "gender": "man"})
+                             + _result({"result": _AUDIO}) + _AUDIO)]
+    two_calls = [_system(_TRANSLATE, _TTS), _user("翻译“你好”并读出来"),
+                 _assistant("先翻译。" + _call(_TRANSLATE["name"], {"text": "你好"}) + "\n\n再朗读。"
+                            + _call(_TTS["name"], {"text": "Hello", "gender": "woman"}, fence=False)
+                            + _result({"result": _AUDIO}) + "\n" + _AUDIO)]
+    bad_call = [_system(_TTS), _user("读一下“早上好”"),
+                _assistant("<|startofthink|>```JSON\n{\"api_name\": \"modelscope_speech-generation\", "
+                           "\"parameters\": {\"text\": \"早上好\"</|endofthink|><|endofthink|>")]
+    no_parameters = [_system(_TTS), _user("读一下“晚上好”"),
+                     _assistant("<|startofthink|>```JSON\n{\"api_name\": \"modelscope_speech-generation\"}"
+                                "\n```<|endofthink|>")]
+    list_call = [_system(_TTS), _user("读一下“你好”"), _assistant("<|startofthink|>[1, 2]<|endofthink|>")]
+    two_results = [_system(_TTS), _user("读两遍“你好”"),
+                   _assistant(_call(_TTS["name"], {"text": "你好"}) + _result({"result": _AUDIO})
+                              + _result({"result": _AUDIO}) + _AUDIO)]
+    bad_result = [_system(_ADDRESS), _user("北京市海淀区中关村大街1号在哪个区？"),
+                  _assistant(_call(_ADDRESS["name"], {"inputs": "北京市海淀区中关村大街1号"})
+                             + _result(raw="{'district': '海淀区'") + "在海淀区。")]
+    answer_marker = [_system(_ADDRESS), _user("上海市浦东新区世纪大道100号在哪个区？"),
+                     _assistant(_call(_ADDRESS["name"], {"inputs": "上海市浦东新区世纪大道100号"})
+                                + _result({"district": "浦东新区"}) + "Final Answer: 浦东新区")]
+    unclosed_result = [_system(_ADDRESS), _user("广州市天河区体育西路在哪个区？"),
+                       _assistant(_call(_ADDRESS["name"], {"inputs": "广州市天河区体育西路"})
+                                  + "<|startofexec|>```JSON\n{\"district\": \"天河区\"}\nFinal Answer:天河区")]
+    short = [_user("只有一句话")]
+    odd_tools = [{"from": "system", "value": (
+        _MSAGENT_PREAMBLE + '1. {"name": "get_weather", "description": "查询城市天气"}\n\n'
+        '2. {"name": "empty_tool", "description": "没有参数", "paths": [{"parameters": []}]}\n\n'
+        '3. {"name": "get_weather", "description": "查询天气（重复）", "paths": [{"parameters": '
+        '[{"name": "city", "description": "城市"}]}]}\n\n'
+        '4. {"broken": {"name": "inner_tool", "description": "藏在坏 JSON 里"}, }\n\n'
+        '5. {"wrapper": {"name": "nested_tool", "description": "包在不是工具的对象里"}}\n\n'
+        '6. {"name": "no_description"} {"description": "no name"} {"name": 7, "description": 8}')},
+        _user("北京今天天气怎么样？"),
+        _assistant(_call("get_weather", {"city": "北京"}) + _result("晴，25度") + "北京今天晴，25度。")]
+    values = [_system(_IE), _user("抽取数字"),
+              _assistant(_call(_IE["name"], {"input": "一二三", "schema": ["数字"]}) + _result([1, 2, 3])
+                         + "\n1、2、3\n"),
+              _user("再抽取一次"),
+              _assistant(_call(_IE["name"], {"input": "四", "schema": ["数字"]}) + _result(4.0, fence=False) + "\n")]
+    markers = [_system(_TTS), _user("说“你好”"),
+               _assistant("<|startofthink|>没有结束标志的思考"), _user("再试一次"),
+               _assistant("前文" + _call(_TTS["name"], {"text": "你好"}) + "后文，没有调用结果。")]
+    order = [_user("先说问题"), _system(_TTS), _system(_TRANSLATE), _assistant("直接回答。"),
+             _assistant("没有新问题的回答。")]
+    as_python = [_system(_TRANSLATE), _user("把“谢谢”翻译成英文"),
+                 _assistant(_call(_TRANSLATE["name"], {"text": "谢谢"}) + _result({"result": "Thank you"}) + "Thank you")]
+    rows = [tts, ie, address, chat, no_system, two_rounds, two_calls, bad_call, no_parameters, list_call,
+            two_results, bad_result, answer_marker, unclosed_result, short, odd_tools, values, markers, order]
+    out = [{"conversations": json.dumps(r, ensure_ascii=False) if i % 2 == 0 else r} for i, r in enumerate(rows)]
+    out.append({"conversations": repr(as_python)})  # the text of a Python list, as XTuner eval()s it
+    return out
+
+
+CASES["msagent_react"] = _msagent_rows()
+
+# XTuner map_fns we do not provide (multimodal formats).
+NOT_PROVIDED = {"llava", "llava_image_only"}
 
 
 def test_every_xtuner_map_fn_is_covered():
@@ -142,6 +275,59 @@ def test_oasst1_trailing_question_is_dropped():
     got = get_map_fn("oasst1")({"text": text})
     assert got == {"conversation": [{"input": "Hi there", "output": "Hello!"}]}
     assert got == xtuner_map_fns()["oasst1"]({"text": text})
+
+
+def test_msagent_rows_reach_every_branch():
+    # guards the equality test above against comparing only easy rows
+    outs = [xtuner_map_fns()["msagent_react"](copy.deepcopy(r))["conversation"] for r in CASES["msagent_react"]]
+    turns = [t for out in outs for t in out]
+    assert sum(out == [] for out in outs) == 5  # bad JSON, no parameters, a list, two results, one turn
+    assert sum("input" not in t and t["system"].startswith("Response:") for t in turns) >= 6
+    assert any(t["system"].startswith("<|startofexec|>") for t in turns)  # a result never closed
+    assert any(t["output"].count("Action:") == 2 for t in turns)  # two calls in one reply
+    assert any(t["output"].startswith("Thought:") for t in turns)
+    assert sum(t["output"].startswith("Final Answer:") and "system" in t and "input" in t for t in turns) >= 4
+    assert any(t["output"].endswith("\n\n") and "input" not in t for t in turns)  # the trailing-newline quirk
+    tools = next(t["system"] for t in turns if "inner_tool" in t.get("system", ""))
+    assert "nested_tool" in tools and "no_description" not in tools and "输入参数: {}" in tools
+
+
+def test_msagent_trains_the_calls_and_answers_not_the_results(stories_tokenizer):
+    from backend.data import encode
+    from xtuner_oracle import xtuner_encode_fn, xtuner_prompt_templates, xtuner_template_map_fn
+
+    row = CASES["msagent_react"][0]  # a poem read out by the speech tool
+    conv = get_map_fn("msagent_react")(copy.deepcopy(row))["conversation"]
+    ours = encode(conv, stories_tokenizer, "default")
+    example = xtuner_template_map_fn({"conversation": conv}, xtuner_prompt_templates()["default"])
+    assert ours == xtuner_encode_fn(example, stories_tokenizer, 10**6)
+    trained = stories_tokenizer.decode([t for t in ours["labels"] if t != -100])
+    assert "Action:modelscope_speech-generation" in trained and "Final Answer:<audio" in trained
+    assert "Response:" not in trained and "可以调用外部工具" not in trained
+
+
+def test_msagent_bench_file_builds(tmp_path, stories_tokenizer):
+    # the Bench's own storage: one JSON line a row, the conversations as text
+    rows = [{"conversations": r["conversations"] if isinstance(r["conversations"], str)
+             else json.dumps(r["conversations"], ensure_ascii=False)} for r in CASES["msagent_react"]]
+    ds, report = build_dataset(str(_write(tmp_path, rows)), tokenizer=stories_tokenizer, template="default",
+                               max_length=None, cache=False)
+    assert report.map_fn == "msagent_react" and "auto-detected" in report.map_fn_reason
+    assert (report.rows, report.dropped, report.kept) == (len(rows), 5, len(rows) - 5) and len(ds) == report.kept
+
+
+@pytest.mark.parametrize("conversations, message", [
+    ([_user("你好"), {"from": "tool", "value": "?"}], "'tool'"),
+    ([_user("你好"), {"from": "assistant", "value": ["not", "text"]}], "should be text"),
+    ("[{'from': 'user', 'value': '你好'}, {'from': 'assistant'", "does not read as a list"),
+    (None, "null"),
+    ([{"from": "system", "value": '{"name": {"zh": "天气"}, "description": "查询天气"}'}, _user("北京天气")],
+     "a tool's name should be text"),
+])
+def test_msagent_malformed_rows_raise(conversations, message):
+    with pytest.raises(RowError, match=message) as err:
+        get_map_fn("msagent_react")({"conversations": conversations})
+    assert err.value.column == "conversations"
 
 
 # --- names ---------------------------------------------------------------------------
@@ -408,6 +594,8 @@ def _cols(rows):
         (CASES["arxiv"], "arxiv"),
         (CASES["colors"], "colors"),
         (CASES["default"], "default"),
+        (CASES["msagent_react"], "msagent_react"),
+        (CASES["msagent_react"][1::2], "msagent_react"),  # the conversations as lists
     ],
     ids=lambda v: v if isinstance(v, str) else "",
 )

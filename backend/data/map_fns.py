@@ -16,6 +16,7 @@ and an unchanged XTuner custom map_fn works, since the contract is the same.
 
 from __future__ import annotations
 
+import ast
 import difflib
 import importlib
 import importlib.util
@@ -298,6 +299,154 @@ def wizardlm_map_fn(example):
     return {"conversation": conversation}
 
 
+# --- MSAgent-Bench (damo/MSAgent-Bench): tool calls rewritten as ReAct -----------------
+
+_THINK = ("<|startofthink|>", "<|endofthink|>")  # a tool call: ```JSON {"api_name", "parameters"}```
+_EXEC = ("<|startofexec|>", "<|endofexec|>")  # the tool's result, then the answer from it
+_FINAL = "Final Answer:"
+# XTuner's system text: its tools as a dict, then the ReAct format ({names}: the tool names as a list)
+_MSAGENT_TOOLS = "你是一个可以调用外部工具的助手，可以使用的工具包括：\n{tools}\n"
+_MSAGENT_FORMAT = (
+    "如果使用工具请遵循以下格式回复：\n```\n"
+    "Thought:思考你当前步骤需要解决什么问题，是否需要使用工具\n"
+    "Action:工具名称，你的工具必须从 [{names}] 选择\n"
+    "Action Input:工具输入参数\n```\n工具返回按照以下格式回复：\n```\n"
+    "Response:调用工具后的结果\n```\n如果你已经知道了答案，或者你不需要工具，"
+    "请遵循以下格式回复\n```\n"
+    "Thought:给出最终答案的思考过程\n"
+    "Final Answer:最终答案\n```\n开始!\n"
+)
+
+
+class _BadToolCall(Exception):
+    """A tool call that does not parse: XTuner drops the whole row, and so do we."""
+
+
+def _unfenced_json(text: str):
+    """The JSON inside a ```JSON fence, line breaks removed first (as XTuner reads it)."""
+    return json.loads(text.replace("```JSON", "").replace("```", "").replace("\n", ""))
+
+
+def _msagent_turns(example: dict):
+    if example.get("conversations") is None:
+        _col(example, "conversations")  # raises: missing or null
+    turns = example["conversations"]
+    if isinstance(turns, str):  # the Bench stores the list as its Python / JSON text
+        try:
+            turns = ast.literal_eval(turns)
+        except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+            try:
+                turns = json.loads(turns)
+            except ValueError:
+                raise RowError(f"column 'conversations' is text that does not read as a list of turns: "
+                               f"{_preview(turns)}", "conversations") from None
+    return turns
+
+
+def _msagent_tools(system: str, where: str) -> dict:
+    """name -> description of every tool object ({"name", "description", ...}) in a
+    system text, with its parameters (from ``paths[0].parameters``) where it has them."""
+    decoder, tools = json.JSONDecoder(), {}
+    start = system.find("{")
+    while start != -1:
+        try:
+            obj, end = decoder.raw_decode(system, start)
+        except ValueError:
+            obj, end = None, start + 1
+        if isinstance(obj, dict) and "name" in obj and "description" in obj:
+            if isinstance(obj["name"], (dict, list)):
+                raise RowError(f"{where}: a tool's name should be text, got {_preview(obj['name'])}", "conversations")
+            tools[obj["name"]] = obj["description"]
+            try:
+                params = {p["name"]: p["description"] for p in obj["paths"][0]["parameters"]}
+            except (KeyError, IndexError, TypeError):
+                params = None
+            if params is not None and isinstance(obj["description"], str):
+                tools[obj["name"]] += f"\n输入参数: {params}"
+        else:
+            end = start + 1  # not a tool: look inside it
+        start = system.find("{", end)
+    return tools
+
+
+def _react_reply(text: str) -> str:
+    """An assistant message before any tool result: each call becomes
+    Thought (the text before it) / Action / Action Input; a reply without one
+    is the Final Answer."""
+    parts, calls, rest = [], 0, text
+    while True:
+        before, opened, after = rest.partition(_THINK[0])
+        call, closed, tail = after.partition(_THINK[1])
+        if not (opened and closed):
+            break
+        if before.strip():
+            parts.append(f"Thought:{before.strip()}\n")
+        try:
+            parsed = _unfenced_json(call)
+            parts.append(f"Action:{parsed['api_name']}\nAction Input:{parsed['parameters']}\n")
+        except (ValueError, KeyError, TypeError):
+            raise _BadToolCall from None
+        calls, rest = calls + 1, tail
+    return "".join(parts) + rest + "\n" if calls else f"{_FINAL}{rest}\n"
+
+
+def _react_result(after: str) -> dict | None:
+    """What follows <|startofexec|>: ``Response:<result>`` becomes an untrained
+    system text and the answer after it the trained ``Final Answer:``. None where
+    XTuner keeps nothing of it (no answer, a result that does not parse)."""
+    result, closed, tail = after.partition(_EXEC[1])
+    if not closed:
+        text = _EXEC[0] + after  # never closed: kept as it is
+    else:
+        try:
+            value = _unfenced_json(result)
+        except ValueError:
+            return None
+        newline = "\n" if tail.endswith("\n") else ""  # one final newline stays after the answer
+        answer = tail[: len(tail) - len(newline)].strip()
+        text = f"Response:{value}\n" + (f"{_FINAL}{answer}\n" if answer else "") + newline
+    if text.count(_FINAL) != 1:
+        return None
+    response, _, answer = text.partition(_FINAL)
+    return {"system": response, "output": _FINAL + answer}
+
+
+@register_map_fn("msagent_react", ("conversations",),
+                 "MSAgent-Bench tool calls (<|startofthink|>/<|startofexec|>) as ReAct Thought/Action/Response")
+def msagent_react_map_fn(example):
+    """MSAgent-Bench rows: a system text listing tools, user questions, and
+    assistant replies that call a tool and answer from its result. A row whose
+    tool call does not parse is dropped (an empty conversation), as in XTuner."""
+    turns = _msagent_turns(example)
+    if isinstance(turns, list) and len(turns) < 2:
+        return {"conversation": []}  # nothing to learn from
+    turns = _messages({"conversations": turns}, "conversations", "from", "value")
+    conversation, system, prompt = [], "", ""
+    for j, turn in enumerate(turns):
+        who, value = turn["from"], turn["value"]
+        if who == "system":
+            tools = _msagent_tools(value, f"conversations[{j}]")
+            system += _MSAGENT_TOOLS.format(tools=tools) + _MSAGENT_FORMAT.format(names=list(tools))
+        elif who == "user":
+            prompt += value + "\n"
+        elif who == "assistant":
+            reply, opened, result = value.partition(_EXEC[0])
+            if _EXEC[0] in result:
+                return {"conversation": []}  # two tool results in one reply
+            try:
+                conversation.append({"system": system, "input": prompt, "output": _react_reply(reply)})
+            except _BadToolCall:
+                return {"conversation": []}
+            system, prompt = "", ""
+            answer = _react_result(result) if opened else None
+            if answer is not None:
+                conversation.append(answer)
+        else:
+            raise RowError(f"conversations[{j}].from is {who!r}; msagent_react expects system, user or assistant",
+                           "conversations")
+    return {"conversation": conversation}
+
+
 # --- ours ----------------------------------------------------------------------------
 
 _SHAREGPT_USER = {"human", "user", "observation", "tool"}
@@ -442,6 +591,9 @@ def detect_map_fn(columns, first_rows=()) -> tuple[str | None, str]:
     cols = set(columns)
     rows = [r for r in first_rows if isinstance(r, dict)]
     if "conversations" in cols:
+        if any(_THINK[0] in (c if isinstance(c, str) else json.dumps(c, ensure_ascii=False, default=str))
+               for c in (r.get("conversations") for r in rows)):
+            return "msagent_react", "column 'conversations' with <|startofthink|> tool calls (MSAgent-Bench)"
         roles = {
             str(m.get("from", "")).lower()
             for r in rows for m in (r.get("conversations") or []) if isinstance(m, dict)
