@@ -5,10 +5,17 @@ The prompt is built by ``backend.data.generation_prompt``, i.e. exactly the
 format the model was trained on, history included. Generation stops at EOS
 and at the template's STOP_WORDS; text that could still turn out to be the
 start of a stop word is held back, so a stop word never leaks into the reply.
+
+On a GPU box: a model loads straight onto one card, or is dispatched over
+all of them when it is too big for one (``models.placement``); the base side
+of side by side is the same PeftModel with its adapter off, not a second copy;
+and ``ModelCache`` bounds the loaded models by bytes and can unload them, so
+chat can give its memory back to a training run.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -59,6 +66,8 @@ class ChatModel:
     system: str = ""
     stop_words: list = field(default_factory=list)
     source: dict = field(default_factory=dict)
+    base: str | None = None  # the base model's folder, when ``model`` is that base + a LoRA adapter
+    adapter_off: bool = False  # answer as the base: each forward step runs under model.disable_adapter()
 
 
 def load_chat_model(llm: str, adapter: str | None = None, template: str | None = None, system: str | None = None,
@@ -67,11 +76,10 @@ def load_chat_model(llm: str, adapter: str | None = None, template: str | None =
     """Base model (+ adapter), with template and system defaulting to what the
     adapter (or a converted/merged model) recorded in its artifact record. The
     base an adapter names passes ``guard`` like a typed one; ``trust_remote_code``
-    is the operator's permission, never the record's."""
-    import torch
-
+    is the operator's permission, never the record's. ``device``: auto, cpu or
+    cuda, placed by ``models.placement``."""
     from .data import get_template, load_tokenizer, stop_words
-    from .models import base_location, fit_embeddings, load_causal_lm
+    from .models import base_location
 
     guard = guard or Guard.cli()
     llm_path = base_location(llm, guard, "model")
@@ -84,28 +92,40 @@ def load_chat_model(llm: str, adapter: str | None = None, template: str | None =
         raise ArtifactError(f"no prompt template recorded with {adapter or llm}; give --prompt-template "
                             "(ftstudio list-template)")
     tpl = get_template(template_name)  # raises, listing the known names, if unknown
-    dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-    model = load_causal_lm(llm_path, trust_remote_code=trust_remote_code, what="model", dtype="auto",
-                           **_quantized(bits, dev))
+    model = _load_placed(llm_path, bits, device, trust_remote_code)
     tok_source = adapter if adapter and has_tokenizer(adapter) else llm_path
     tokenizer = load_tokenizer(str(tok_source), trust_remote_code=trust_remote_code)
-    if not bits:
-        model = model.to(dev)
     if adapter:
-        fit_embeddings(model, len(tokenizer))
-        from peft import PeftModel
-
-        try:
-            check_weights(adapter)
-            model = PeftModel.from_pretrained(model, adapter)
-        except (RuntimeError, ValueError, KeyError, OSError) as exc:
-            raise ArtifactError(f"adapter {adapter} does not fit {llm}: {str(exc).splitlines()[0][:300]}") from None
+        model = _with_adapter(model, adapter, len(tokenizer), llm)
     model.eval()
     return ChatModel(model, tokenizer, tpl.name, meta.get("system", "") if system is None else system,
-                     stop_words(tokenizer, tpl), meta)
+                     stop_words(tokenizer, tpl), meta, base=llm_path if adapter else None)
 
 
-def _quantized(bits: int | None, dev: str) -> dict:
+def _load_placed(llm_path: str, bits: int | None, device: str, trust_remote_code: bool):
+    """The model loaded straight onto its device(s): no CPU copy first, no ``.to()`` afterwards."""
+    from .models import cuda_free_bytes, load_causal_lm, placement, weights_bytes
+
+    free = [] if device == "cpu" else cuda_free_bytes()
+    where = placement(device, free, weights_bytes(llm_path), bits)
+    return load_causal_lm(llm_path, trust_remote_code=trust_remote_code, what="model", **where, **_quantized(bits))
+
+
+def _with_adapter(model, adapter: str, vocab_size: int, llm: str):
+    from peft import PeftModel
+
+    from .models import fit_embeddings
+
+    fit_embeddings(model, vocab_size)
+    try:
+        check_weights(adapter)
+        return PeftModel.from_pretrained(model, adapter)
+    except (RuntimeError, ValueError, KeyError, OSError) as exc:
+        raise ArtifactError(f"adapter {adapter} does not fit {llm}: {str(exc).splitlines()[0][:300]}") from None
+
+
+def _quantized(bits: int | None) -> dict:
+    """bitsandbytes' config for ``--bits`` (where the model goes is ``models.placement``'s part)."""
     if not bits:
         return {}
     try:
@@ -114,29 +134,148 @@ def _quantized(bits: int | None, dev: str) -> dict:
     except Exception as exc:  # noqa: BLE001 - ImportError or a broken native library
         raise ArtifactError(f"--bits {bits} needs bitsandbytes ({exc}); pip install bitsandbytes") from None
     return {"quantization_config": BitsAndBytesConfig(load_in_4bit=bits == 4, load_in_8bit=bits == 8,
-                                                      bnb_4bit_quant_type="nf4"),
-            "device_map": {"": 0 if dev == "cuda" else "cpu"}}
+                                                      bnb_4bit_quant_type="nf4")}
+
+
+def without_adapter(chat: ChatModel, tokenizer=None) -> ChatModel:
+    """The base model's answers out of a base + adapter model, with no second copy of the base: the same
+    PeftModel, its adapter disabled for each of the base answer's forward steps. Per step, not per answer:
+    the studio streams both answers in turns. ``tokenizer``: the base's own (an export's may add tokens)."""
+    from .data import get_template, stop_words
+
+    if chat.base is None:
+        raise ValueError("without_adapter: this model has no adapter to switch off")
+    tok = tokenizer or chat.tokenizer
+    return dataclasses.replace(chat, tokenizer=tok, stop_words=stop_words(tok, get_template(chat.template)),
+                               source={}, adapter_off=True)
+
+
+def label(key: tuple) -> str:
+    """A cache key in words: 'llm' or 'llm + adapter'."""
+    return f"{key[0]}{' + ' + str(key[1]) if key[1] else ''}"
 
 
 class ModelCache:
-    """The last few loaded chat models, so the chat tab does not reload a
-    model on every message (loading is the slow part on a big model)."""
+    """The loaded chat models, so the chat tab does not reload one per message (loading is the slow part).
 
-    def __init__(self, size: int = 2):
+    Bounded by count and by bytes (parameters + buffers): before a model loads, the least recently used
+    ones are unloaded until it fits, so two big models never meet on a card next to a training run; once
+    loaded, its real size is checked again. ``unload``/``unload_all`` free for real (references dropped,
+    garbage collected, CUDA's cached blocks released). Side by side for base + adapter is a view on the
+    same model (``without_adapter``): one copy of the base."""
+
+    def __init__(self, size: int = 2, max_bytes: int | None = None, loader=None):
         self.size = size
+        self.max_bytes = max_bytes  # None: memory_budget()
+        self._load = loader or load_chat_model
         self._models: dict[tuple, ChatModel] = {}
+        self._bytes: dict[tuple, int] = {}
+        self._views: dict[tuple, ChatModel] = {}  # key of a base + adapter model -> its base view
+
+    def __len__(self) -> int:
+        return len(self._models)
+
+    def resident_bytes(self) -> int:
+        return sum(self._bytes.values())
+
+    def loaded(self) -> list[tuple[str, int]]:
+        """(what, bytes) of each loaded model, least recently used first."""
+        return [(label(k), self._bytes[k]) for k in self._models]
 
     def get(self, llm: str, adapter: str | None = None, template: str | None = None, bits: int | None = None,
-            *, guard: Guard | None = None, trust_remote_code: bool = False):
+            *, guard: Guard | None = None, trust_remote_code: bool = False, keep: ChatModel | None = None):
+        """The model, loaded on first use. ``keep``: a model in use that must not be evicted for this one."""
+        from .models import model_bytes, weights_bytes
+
         key = (llm, adapter, template, bits, trust_remote_code)
         if key in self._models:
             self._models[key] = self._models.pop(key)  # most recently used last
-        else:
-            while len(self._models) >= self.size:
-                self._models.pop(next(iter(self._models)))
-            self._models[key] = load_chat_model(llm, adapter, template=template, bits=bits, guard=guard,
-                                                trust_remote_code=trust_remote_code)
-        return self._models[key]
+            return self._models[key]
+        keep_key = self._key_of(keep)
+        self._evict_for((weights_bytes(llm) or 0) * (bits / 16 if bits else 1), 1, keep_key)
+        chat = self._load(llm, adapter, template=template, bits=bits, guard=guard,
+                          trust_remote_code=trust_remote_code)
+        self._models[key], self._bytes[key] = chat, model_bytes(chat.model)
+        self._evict_for(0, 0, keep_key, key)
+        return chat
+
+    def base_for(self, tuned: ChatModel, base: str, *, guard: Guard | None = None,
+                 trust_remote_code: bool = False) -> ChatModel:
+        """The base side of side by side: ``tuned`` with its adapter off when it has one, else the base loaded."""
+        key = self._key_of(tuned)
+        if tuned.base is None or key is None or key[0] != base:  # no adapter (merged, full): load the base
+            return self.get(base, None, template=tuned.template, guard=guard, trust_remote_code=trust_remote_code,
+                            keep=tuned)
+        if key not in self._views:
+            from .data import load_tokenizer
+
+            own = has_tokenizer(key[1])  # the adapter brought a tokenizer (maybe with added tokens): not the base's
+            tok = load_tokenizer(tuned.base, trust_remote_code=trust_remote_code) if own else None
+            self._views[key] = without_adapter(tuned, tok)
+        return self._views[key]
+
+    def unload(self, chat: ChatModel) -> int:
+        """Unload one model (and its base view); the bytes it held, 0 if it was not loaded."""
+        key = self._key_of(chat)
+        if key is None:
+            return 0
+        freed = self._drop(key)
+        _free_memory()
+        return freed
+
+    def unload_all(self) -> list[tuple[str, int]]:
+        """Unload every model; (what, bytes) of each."""
+        gone = self.loaded()
+        for key in list(self._models):
+            self._drop(key)
+        _free_memory()
+        return gone
+
+    def budget(self) -> int:
+        return self.max_bytes if self.max_bytes is not None else memory_budget()
+
+    def _key_of(self, chat: ChatModel | None):
+        return next((k for k, c in self._models.items() if chat is not None and c.model is chat.model), None)
+
+    def _drop(self, key: tuple) -> int:
+        self._models.pop(key, None)
+        self._views.pop(key, None)
+        return self._bytes.pop(key, 0)
+
+    def _evict_for(self, incoming: float, slots: int, *keep) -> None:
+        """Unload least recently used models until ``slots`` more models and ``incoming`` more bytes fit."""
+        budget, dropped = self.budget(), False
+        for key in list(self._models):
+            if len(self._models) + slots <= self.size and self.resident_bytes() + incoming <= budget:
+                break
+            if key not in keep:
+                self._drop(key)
+                dropped = True
+        if dropped:
+            _free_memory()
+
+
+def memory_budget() -> int:
+    """Default byte bound of the model cache: 80% of all CUDA cards' memory, else half the machine's RAM."""
+    import os
+
+    import torch
+
+    if torch.cuda.is_available():
+        return int(0.8 * sum(torch.cuda.get_device_properties(i).total_memory
+                             for i in range(torch.cuda.device_count())))
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+
+
+def _free_memory() -> None:
+    """After dropping models: collect them now (accelerate's hooks hold cycles) and give CUDA's cache back."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
 
 
 def _held_back(text: str, stops: list[str]) -> int:
@@ -166,9 +305,55 @@ def _logits_processors(settings: GenerationSettings):
     return procs
 
 
-def generate_tokens(model, input_ids, eos_ids: set, settings: GenerationSettings) -> Iterator[int]:
+def cache_kwarg(model) -> str:
+    """The name the model's forward takes its KV cache under: 'cache' (transformers 5.x renamed it; the old
+    name warns and goes in 5.40), else 'past_key_values' (earlier 5.x, remote code). A PeftModel forwards
+    it to its base model, whose signature decides."""
+    import inspect
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
+
+
+def new_cache(model):
+    """An empty ``DynamicCache``, shaped by the model's config where this transformers takes one
+    (sliding-window and hybrid layers get their kind of cache layer)."""
+    import inspect
+
+    from transformers import DynamicCache
+
+    if "config" in inspect.signature(DynamicCache.__init__).parameters:
+        return DynamicCache(config=model.config)
+    return DynamicCache()
+
+
+def _stepper(model, adapter_off: bool):
+    """One forward step with the KV cache: ``step(ids, mask) -> logits``. With ``adapter_off`` each step runs
+    under ``disable_adapter()`` and leaves it again, so another answer's steps in between keep the adapter."""
+    import contextlib
+
+    import torch
+
+    name, state = cache_kwarg(model), {"cache": new_cache(model)}
+    off = model.disable_adapter if adapter_off else contextlib.nullcontext
+
+    def step(ids, mask):
+        with off(), torch.no_grad():
+            out = model(input_ids=ids, attention_mask=mask, use_cache=True, **{name: state["cache"]})
+        # the same cache, grown; a model that builds a new one hands it back (field 'cache' since 5.x renamed it)
+        returned = next((out[k] for k in ("cache", "past_key_values") if k in out), None)
+        if returned is not None:
+            state["cache"] = returned
+        return out.logits[:, -1, :].float()
+
+    return step
+
+
+def generate_tokens(model, input_ids, eos_ids: set, settings: GenerationSettings,
+                    adapter_off: bool = False) -> Iterator[int]:
     """Yield new token ids one by one: the model's forward with its KV cache,
     transformers' logits processors for penalty/temperature/top-k/top-p.
+    ``adapter_off``: answer as the base model of a PeftModel (see ``without_adapter``).
 
     Why not ``model.generate`` with a streamer: streaming from ``generate``
     needs it in a second thread, and on CPU PyTorch runs ~1.6x slower off the
@@ -176,29 +361,25 @@ def generate_tokens(model, input_ids, eos_ids: set, settings: GenerationSettings
     caller's own thread, at plain-generate speed.
     """
     import torch
-    from transformers import DynamicCache
 
     procs = _logits_processors(settings)
-    cache = DynamicCache()
+    step = _stepper(model, adapter_off)
     seen = input_ids
-    with torch.no_grad():
-        out = model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), past_key_values=cache,
-                    use_cache=True)
-        for step in range(settings.max_new_tokens):
-            scores = procs(seen, out.logits[:, -1, :].float())
-            if step < settings.min_new_tokens and eos_ids:
-                scores[:, list(eos_ids)] = -float("inf")
-            if settings.temperature > 0:
-                token = torch.multinomial(torch.softmax(scores, dim=-1), 1)
-            else:
-                token = scores.argmax(dim=-1, keepdim=True)
-            tok = int(token)
-            yield tok
-            if tok in eos_ids:
-                return
-            seen = torch.cat([seen, token], dim=-1)
-            out = model(input_ids=token, attention_mask=torch.ones_like(seen), past_key_values=cache,
-                        use_cache=True)
+    logits = step(input_ids, torch.ones_like(input_ids))
+    for n in range(settings.max_new_tokens):
+        scores = procs(seen, logits)
+        if n < settings.min_new_tokens and eos_ids:
+            scores[:, list(eos_ids)] = -float("inf")
+        if settings.temperature > 0:
+            token = torch.multinomial(torch.softmax(scores, dim=-1), 1)
+        else:
+            token = scores.argmax(dim=-1, keepdim=True)
+        tok = int(token)
+        yield tok
+        if tok in eos_ids or n + 1 == settings.max_new_tokens:
+            return
+        seen = torch.cat([seen, token], dim=-1)
+        logits = step(token, torch.ones_like(seen))
 
 
 def stream_reply(chat: ChatModel, history: list[dict], message: str,
@@ -208,19 +389,20 @@ def stream_reply(chat: ChatModel, history: list[dict], message: str,
     import torch
 
     from .data import generation_prompt
+    from .models import input_device
 
     settings = settings or GenerationSettings()
     turns = [dict(t) for t in history] + [{"input": message}]
     if chat.system:
         turns[0] = {**turns[0], "system": chat.system}
-    ids = torch.tensor([generation_prompt(turns, chat.tokenizer, chat.template)], device=chat.model.device)
+    ids = torch.tensor([generation_prompt(turns, chat.tokenizer, chat.template)], device=input_device(chat.model))
     if settings.seed is not None:
         torch.manual_seed(settings.seed)
     eos = chat.tokenizer.eos_token_id
     eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
     tokens: list[int] = []
     text, sent = "", 0
-    for tok in generate_tokens(chat.model, ids, eos_ids, settings):
+    for tok in generate_tokens(chat.model, ids, eos_ids, settings, chat.adapter_off):
         if tok in eos_ids:
             break
         tokens.append(tok)

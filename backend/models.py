@@ -1,7 +1,9 @@
 """Loading a model the way every step does (export, merge, chat): the location
 through the caller's guard ('demo' resolved), the operator's answer to
 trust_remote_code, failures in one line, and the embeddings grown to a
-fine-tune's vocabulary."""
+fine-tune's vocabulary. For chat also where a model runs (``placement``: one
+CUDA card, or accelerate's dispatch over all of them), as a pure function of
+the free memory per card, so the GPU decision is tested without a GPU."""
 
 from __future__ import annotations
 
@@ -40,3 +42,75 @@ def fit_embeddings(model, vocab_size: int) -> None:
     """Grow a base model's embeddings to a fine-tune's vocabulary (tokens it added, model.add_template_tokens)."""
     if vocab_size > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(vocab_size)
+
+
+# --- where a model runs (chat): the one GPU seam, a pure function tested with made-up cards ---
+
+HEADROOM = 1.2  # a model goes on one card when weights x this fit: room for the KV cache and activations
+
+
+def cuda_free_bytes() -> list[int]:
+    """Free memory per CUDA card right now (after other processes, a training run included); [] without CUDA."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    return [torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count())]
+
+
+def weights_bytes(path: str) -> int | None:
+    """Bytes of a local model folder's weight files (about its size in memory at dtype 'auto'); None if unknown."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return None
+    files = list(folder.glob("*.safetensors")) or list(folder.glob("pytorch_model*.bin"))
+    return sum(f.stat().st_size for f in files) or None
+
+
+def placement(device: str, free: list[int], size: int | None, bits: int | None = None) -> dict:
+    """``from_pretrained`` kwargs that put a model where it will run. ``device``: 'auto', 'cpu' or 'cuda';
+    ``free``: free bytes per CUDA card ([] = none); ``size``: weight bytes as stored (None = unknown);
+    ``bits``: 4/8 when bitsandbytes quantizes (its config is added by the caller).
+
+    On CUDA the model goes whole onto the card with the most free memory when it fits there: one card
+    decodes fastest (no hop between cards per layer) and leaves the other cards to a training run.
+    Not always ``device_map="auto"``: accelerate *balances* 'auto' over every card, even for a model that
+    fits on one. Only a model too big for any one card (or of unknown size) gets 'auto': accelerate's
+    dispatch, layers in order over the cards and then CPU memory, 10% of each card kept free."""
+    if device not in ("auto", "cpu", "cuda"):
+        raise ArtifactError(f"device {device!r}: use auto, cpu or cuda")
+    if device == "cuda" and not free:
+        raise ArtifactError("device cuda: no CUDA device here (use --device auto or cpu)")
+    if device == "cpu" or not free:
+        return {"dtype": "auto", **({"device_map": {"": "cpu"}} if bits else {})}
+    need = None if size is None else size * (bits / 16 if bits else 1) * HEADROOM  # stored as 16-bit, or less
+    card = max(range(len(free)), key=free.__getitem__)
+    if need is not None and need <= free[card]:
+        return {"dtype": "auto", "device_map": {"": card}}
+    return {"dtype": "auto", "device_map": "auto"}
+
+
+def input_device(model):
+    """Where a model's input ids go: its input embeddings' device (the first card under a device map)."""
+    import torch
+
+    dev = model.get_input_embeddings().weight.device
+    if dev.type != "meta":
+        return dev
+    cards = [d for d in (getattr(model, "hf_device_map", None) or {}).values() if isinstance(d, int)]
+    return torch.device("cuda", cards[0]) if cards else torch.device("cpu")  # offloaded: hooks move it in
+
+
+def model_bytes(model) -> int:
+    """Memory a loaded model holds: its parameters and buffers (tied weights counted once)."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    return sum(t.numel() * t.element_size() for t in {id(t): t for t in tensors}.values())
+
+
+def placed_on(model) -> str:
+    """Where a loaded model's weights are, in words: 'cpu', 'cuda:1' or 'cuda:0, cuda:1, cpu' under a device map."""
+    mapped = getattr(model, "hf_device_map", None)
+    if not mapped:
+        return str(input_device(model))
+    places = dict.fromkeys(f"cuda:{d}" if isinstance(d, int) else str(d) for d in mapped.values())
+    return ", ".join(places)

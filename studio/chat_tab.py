@@ -1,7 +1,10 @@
 """Chat tab: talk to the base model, a run's checkpoint, an exported adapter
 or a merged model, in the template it was trained with; optionally side by
 side with its base model on the same prompt. Replies stream from
-``backend.chat.stream_reply``."""
+``backend.chat.stream_reply``; models stay loaded in ``ctx.models`` (bounded
+by bytes) until Unload gives their memory back, e.g. to a training run the
+status line says is sharing the machine. Handlers are module level, taking
+plain values, so they are tested without a browser."""
 
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from backend.chat import GenerationSettings, stream_reply
+from backend.chat import ChatModel, GenerationSettings, stream_reply
 from backend.config import load_config
 from backend.core.artifacts import (
     CONVERTED_SUBDIR, MERGED_SUBDIR, exported_folders, iter_step, model_source, read_meta, recorded_base,
@@ -18,10 +21,12 @@ from backend.core.artifacts import (
 from backend.core.rundir import RunDir
 from backend.data import TEMPLATES
 from backend.export import ensure_hf
-from backend.runs import list_runs
+from backend.models import placed_on
+from backend.runs import active_runs, list_runs
 
-from .context import USER_ERRORS, StudioContext, StudioError
+from .context import USER_ERRORS, StudioContext, StudioError, bind, error_md
 from .export_tab import GPU
+from .train_tab import size
 
 RECORDED = "(as trained)"
 
@@ -111,6 +116,99 @@ def turns_of(history: list[dict]) -> list[dict]:
     return turns
 
 
+def on_model(ctx: StudioContext, choice):
+    tpl, sys_text = recorded(ctx, choice)
+    return (gr.update(value=RECORDED) if tpl else gr.skip()), sys_text or ""
+
+
+def on_refresh(ctx: StudioContext, current):
+    return gr.update(choices=model_choices(ctx), value=current)
+
+
+def sharing_note(active: list[dict], where: str) -> str:
+    """What the status line says about a training run on this machine, given where the chat model sits."""
+    if not active:
+        return ""
+    names = ", ".join(r.get("name", "?") for r in active)
+    runs = f"a training run ({names}) is" if len(active) == 1 else f"training runs ({names}) are"
+    what = "its GPU memory" if "cuda" in where else "its CPU cores and memory"
+    return f"{runs} running on this machine: the chat model shares {what}; Unload gives it back"
+
+
+def status_line(ctx: StudioContext, tuned: ChatModel, base: ChatModel | None, base_name: str | None) -> str:
+    where = placed_on(tuned.model)
+    note = f"template {tuned.template} · on {where}"
+    if base is not None:
+        same = base.model is tuned.model
+        note += f" · base {base_name}" + (" (the same model, adapter off)" if same else f" on {placed_on(base.model)}")
+    shared_run = sharing_note(active_runs(ctx.work_dir), where)
+    return note + (f"  \n**Note:** {shared_run}" if shared_run else "")
+
+
+def load_models(ctx: StudioContext, choice, tpl, sys_text, both) -> tuple[ChatModel, ChatModel | None, str]:
+    """(fine-tuned, base or None, status line) for a choice; the base shares the tuned model when it is an adapter."""
+    folder = resolve(ctx, choice)
+    llm, adapter = model_source(folder)
+    trust = ctx.allow_custom_code
+    tuned = ctx.models.get(llm, adapter, template=None if tpl == RECORDED else tpl, guard=ctx.guard,
+                           trust_remote_code=trust)
+    base, base_name = None, None
+    if both:
+        base_name = base_of(folder)
+        base = ctx.models.base_for(tuned, base_name, guard=ctx.guard, trust_remote_code=trust)
+        base = dataclasses.replace(base, system=sys_text or "")
+    note = f"{llm}{' + ' + adapter if adapter else ''} · " + status_line(ctx, tuned, base, base_name)
+    return dataclasses.replace(tuned, system=sys_text or ""), base, note
+
+
+def _round_robin(streams):
+    """Advance each (history, reply stream) by one piece in turn, so both answers grow together."""
+    live = list(streams)
+    while live:
+        for item in list(live):
+            hist, gen = item
+            try:
+                piece = next(gen)
+            except StopIteration:
+                live.remove(item)
+                continue
+            hist[-1] = {"role": "assistant", "content": _text(hist[-1]["content"]) + piece}
+        yield
+
+
+def respond(ctx: StudioContext, msg, hist_t, hist_b, choice, tpl, sys_text, both, temp, tp, tk, mx, rep):
+    """Send: append the message at once, then stream the reply (and the base's, side by side)."""
+    if not isinstance(msg, str) or not msg.strip():
+        yield gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        return
+    try:
+        settings = GenerationSettings(max_new_tokens=int(mx), temperature=float(temp), top_p=float(tp),
+                                      top_k=int(tk), repetition_penalty=float(rep)).checked()
+        tuned, base, note = load_models(ctx, choice, tpl, sys_text, both)
+    except USER_ERRORS as exc:
+        yield gr.skip(), gr.skip(), "", error_md(exc)
+        return
+    new_turn = [{"role": "user", "content": msg}, {"role": "assistant", "content": ""}]
+    hist_t = list(hist_t if isinstance(hist_t, list) else []) + new_turn
+    hist_b = list(hist_b if isinstance(hist_b, list) else []) + [dict(m) for m in new_turn]
+    streams = [(hist_t, stream_reply(tuned, turns_of(hist_t[:-2]), msg, settings))]
+    if base is not None:
+        streams.append((hist_b, stream_reply(base, turns_of(hist_b[:-2]), msg, settings)))
+    yield hist_t, hist_b if base is not None else gr.skip(), "", note
+    for _ in _round_robin(streams):
+        yield hist_t, hist_b if base is not None else gr.skip(), gr.skip(), gr.skip()
+
+
+def unload(ctx: StudioContext) -> str:
+    """Unload every chat model; say what that freed."""
+    gone = ctx.models.unload_all()
+    if not gone:
+        return "No chat model is loaded."
+    names = ", ".join(name for name, _ in gone)
+    freed = size(sum(b for _, b in gone) / 2**30)
+    return f"Unloaded {names}: {freed} of weights freed. The next message loads the model again."
+
+
 def build(ctx: StudioContext):
     gr.Markdown("Chat in the format the model was trained on. Side by side answers the same prompt with the "
                 "base model and the fine-tuned one.")
@@ -139,63 +237,18 @@ def build(ctx: StudioContext):
         send = gr.Button("Send", variant="primary", scale=1, elem_id="chat-send")
         stop = gr.Button("Stop", variant="stop", scale=0, elem_id="chat-stop")
         clear = gr.Button("Clear", scale=0, elem_id="chat-clear")
-
-    def on_model(choice):
-        tpl, sys_text = recorded(ctx, choice)
-        return (gr.update(value=RECORDED) if tpl else gr.skip()), sys_text or ""
-
-    def respond(msg, hist_t, hist_b, choice, tpl, sys_text, both, temp, tp, tk, mx, rep):
-        if not isinstance(msg, str) or not msg.strip():
-            yield gr.skip(), gr.skip(), gr.skip(), gr.skip()
-            return
-        try:
-            settings = GenerationSettings(max_new_tokens=int(mx), temperature=float(temp), top_p=float(tp),
-                                          top_k=int(tk), repetition_penalty=float(rep)).checked()
-            folder = resolve(ctx, choice)
-            llm, adapter = model_source(folder)
-            template_name = None if tpl == RECORDED else tpl
-            trust = ctx.allow_custom_code
-            tuned = ctx.models.get(llm, adapter, template=template_name, guard=ctx.guard, trust_remote_code=trust)
-            tuned = dataclasses.replace(tuned, system=sys_text or "")
-            base, base_name = None, None
-            if both:
-                base_name = base_of(folder)
-                base = ctx.models.get(base_name, None, template=tuned.template, guard=ctx.guard,
-                                      trust_remote_code=trust)
-                base = dataclasses.replace(base, system=sys_text or "")
-        except USER_ERRORS as exc:
-            yield gr.skip(), gr.skip(), "", f"**Error:** {exc}"
-            return
-        new_turn = [{"role": "user", "content": msg}, {"role": "assistant", "content": ""}]
-        hist_t = list(hist_t if isinstance(hist_t, list) else []) + new_turn
-        hist_b = list(hist_b if isinstance(hist_b, list) else []) + [dict(m) for m in new_turn]
-        note = f"{llm}{' + ' + adapter if adapter else ''} · template {tuned.template}"
-        streams = [(hist_t, stream_reply(tuned, turns_of(hist_t[:-2]), msg, settings))]
-        if base is not None:
-            streams.append((hist_b, stream_reply(base, turns_of(hist_b[:-2]), msg, settings)))
-            note += f" · base {base_name}"
-        yield hist_t, hist_b if base is not None else gr.skip(), "", note
-        live = list(streams)
-        while live:  # round robin: both answers grow together
-            for item in list(live):
-                hist, gen = item
-                try:
-                    piece = next(gen)
-                except StopIteration:
-                    live.remove(item)
-                    continue
-                hist[-1] = {"role": "assistant", "content": _text(hist[-1]["content"]) + piece}
-            yield hist_t, hist_b if base is not None else gr.skip(), gr.skip(), gr.skip()
+        unload_btn = gr.Button("Unload", scale=0, elem_id="chat-unload")
 
     inputs = [message, tuned_box, base_box, model, template, system, side, temperature, top_p, top_k, max_new,
               repetition]
     outputs = [tuned_box, base_box, message, status]
-    sent = send.click(respond, inputs, outputs, api_name="chat_send", concurrency_id=GPU, concurrency_limit=1)
-    submitted = message.submit(respond, inputs, outputs, concurrency_id=GPU, concurrency_limit=1)
+    gpu = {"concurrency_id": GPU, "concurrency_limit": 1}
+    sent = send.click(bind(respond, ctx), inputs, outputs, api_name="chat_send", **gpu)
+    submitted = message.submit(bind(respond, ctx), inputs, outputs, **gpu)
     stop.click(None, None, None, cancels=[sent, submitted])
     clear.click(lambda: ([], [], ""), None, [tuned_box, base_box, status], api_name="chat_clear")
+    unload_btn.click(bind(unload, ctx), None, status, api_name="chat_unload", **gpu)  # waits for a reply in flight
     side.change(lambda v: gr.update(visible=v), side, base_box)
-    model.input(on_model, model, [template, system])
-    refresh.click(lambda cur: gr.update(choices=model_choices(ctx), value=cur), model, model)
+    model.input(bind(on_model, ctx), model, [template, system])
+    refresh.click(bind(on_refresh, ctx), model, model)
     return model
-
