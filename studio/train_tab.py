@@ -5,6 +5,7 @@ a memory estimate, and Launch / Save / Load."""
 
 from __future__ import annotations
 
+import shlex
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,7 @@ from backend.config import (
 )
 from backend.core.atomic import write_text
 from backend.core.guard import is_plain_name
-from backend.core.rundir import CONFIG, CONFIGS, effective_status
+from backend.core.rundir import CONFIG, CONFIGS, RunDir, effective_status
 from backend.launch import DEEPSPEED_NAMES, LaunchError, LaunchSpec, start_detached
 from backend.memory import estimate_for
 from backend.runs import active_runs
@@ -129,18 +130,24 @@ def deepspeed_choice(name) -> str | None:
 
 def command_text(ctx: StudioContext, cfg: Config, deepspeed: str | None, spec: LaunchSpec,
                  run_dir: Path | None = None) -> str:
-    """The ``ftstudio train`` command of every node; other nodes need the run folder node 0 uses."""
-    config_file = ctx.work_dir / CONFIGS / f"{cfg.name}.yaml"
-    args = f"ftstudio train {config_file}" + (f" --deepspeed {deepspeed}" if deepspeed else "")
-    if run_dir is not None:
-        args += f" --work-dir {run_dir}"
+    """The ``ftstudio train`` command of every node, as shell lines to paste. Once
+    launched (``run_dir``), they name the run folder node 0 uses and the config
+    copy inside it, so the folder the nodes must share anyway is all they need."""
+    if run_dir is None:
+        config_file, tail = ctx.work_dir / CONFIGS / f"{cfg.name}.yaml", []
+    else:
+        config_file, tail = RunDir(run_dir).requested_file, ["--work-dir", str(run_dir)]
+    args = ["ftstudio", "train", str(config_file), *(["--deepspeed", deepspeed] if deepspeed else []), *tail]
+
+    def line(env: dict) -> str:
+        return " ".join([*(f"{k}={shlex.quote(v)}" for k, v in env.items()), shlex.join(args)])
+
     env = spec.to_env()
-    lines = [" ".join([*(f"{k}={v}" for k, v in env.items()), args])]
+    lines = [line(env)]
     if spec.nnodes > 1:
         where = "" if run_dir else " (Launch names the run folder they must share)"
         lines.append(f"# then on node 1..{spec.nnodes - 1}, with the same files at the same paths{where}:")
-        lines += [" ".join([*(f"{k}={v if k != 'NODE_RANK' else r}" for k, v in env.items()), args])
-                  for r in range(1, spec.nnodes)]
+        lines += [line({**env, "NODE_RANK": str(r)}) for r in range(1, spec.nnodes)]
     return "\n".join(lines)
 
 
@@ -313,8 +320,9 @@ def build(ctx: StudioContext) -> TrainTab:
             said += f"\n\n```\n{command_text(ctx, cfg, ds, spec, run.path)}\n```"
         return said, run.name
 
-    def wait_start(run_name, timeout: float = 300):
-        """Follow the new run until its preflight passes or fails, then say so."""
+    def wait_start(run_name, said=None, timeout: float = 300):
+        """Follow the new run until its preflight passes or fails, then say so
+        (keeping the other nodes' commands that Launch printed)."""
         try:
             run = ctx.guard.run(run_name)
         except USER_ERRORS:
@@ -327,11 +335,14 @@ def build(ctx: StudioContext) -> TrainTab:
         st = effective_status(run)
         if st.get("state") == "failed":
             return f"**Error:** **{run.name}** failed before training: {st.get('error')}"
-        return f"OK: **{run.name}** is {st.get('state')}: see **Runs** for the live curves."
+        nodes = str(said or "").partition("\n\n")[2]
+        wait = f"\n\nnode 0 waits until the other nodes join; start them with:\n\n{nodes}" \
+            if nodes.startswith("```") else ""
+        return f"OK: **{run.name}** is {st.get('state')}: see **Runs** for the live curves.{wait}"
 
     launched = launch.click(do_launch, check_inputs, [launch_msg, launched_run], api_name="train_launch",
                             concurrency_id="launch", concurrency_limit=1)
-    launched.then(wait_start, launched_run, launch_msg)
+    launched.then(wait_start, [launched_run, launch_msg], launch_msg)
     return TrainTab(comps, launched_run, name, check, check_inputs, check_outputs)
 
 

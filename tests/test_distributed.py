@@ -65,6 +65,24 @@ def test_torchrun_deepspeed(tmp_path, tiny_model, stage):
     check_run(run_dir, 2)
 
 
+@pytest.mark.parametrize("stage", ["deepspeed_zero3", "deepspeed_zero3_offload"])
+def test_torchrun_qlora_zero3(tmp_path, tiny_model, stage):
+    """QLoRA under ZeRO-3: no per-rank device_map, the packed 4-bit weights stored
+    in the model dtype so DeepSpeed partitions them with the rest; evaluation
+    samples (bitsandbytes' CPU inference path) and the gathered adapter checkpoint."""
+    run_dir = tmp_path / "run"
+    out = ftstudio("train", "tiny_demo", *QUICK, "training.epochs=2", "training.method=qlora", "--deepspeed", stage,
+                   "--work-dir", run_dir, cwd=tmp_path, env={"NPROC_PER_NODE": "2"}, timeout=900)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-3000:]
+    assert status(run_dir)["deepspeed"] == stage and status(run_dir)["method"] == "qlora"
+    check_run(run_dir, 2, min_drop=0.1)
+    ckpt = torch.load(RunDir(run_dir).iters()[-1][1], weights_only=True)
+    assert ckpt["meta"]["kind"] == "qlora" and all("lora_" in k for k in ckpt["state_dict"])
+    assert {v.shape[0] for k, v in ckpt["state_dict"].items() if "lora_A" in k} == {ckpt["meta"]["lora"]["r"]}
+    assert "evaluation samples at step" not in (run_dir / "train.log").read_text()
+    assert (run_dir / "samples.jsonl").read_text().strip()
+
+
 def test_two_nodes_on_loopback(tmp_path, tiny_model):
     """Two `ftstudio train` processes, as on two machines: NNODES=2, NODE_RANK=0/1."""
     port = free_port()
@@ -78,6 +96,46 @@ def test_two_nodes_on_loopback(tmp_path, tiny_model):
     outs = [p.communicate(timeout=900)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], "\n-----\n".join(o[-3000:] for o in outs)
     check_run(run_dir, 2)
+
+
+def test_studio_launches_node_0_and_its_node_1_command_works_as_printed(tmp_path, tiny_model):
+    """The Train tab's Launch with 2 nodes starts node 0 and prints node 1's command;
+    that line, run verbatim in a shell elsewhere (the venv activated, as a user's),
+    joins the run, and both nodes finish it."""
+    from gradio_client import Client
+
+    from backend.config import load_config
+    from backend.core.procs import ProcessRecord
+    from backend.core.rundir import effective_status
+    from studio.train_tab import config_values
+    from studio_utils import running_studio, wait_for
+
+    port, work, elsewhere = free_port(), tmp_path / "shared fs" / "work", tmp_path / "node1"  # a space: quoted
+    elsewhere.mkdir()
+    work.parent.mkdir()
+    cfg = load_config("tiny_demo", QUICK)
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("SLURM_") and k not in ("NPROC_PER_NODE", "NNODES", "NODE_RANK", "ADDR", "PORT")}
+    env["PATH"] = os.path.dirname(FTSTUDIO) + os.pathsep + env.get("PATH", "")  # an activated venv
+    with running_studio(work) as (url, _):
+        client = Client(url, verbose=False)
+        msg, run_name = client.predict("nodes", "none", 1, 2, "127.0.0.1", port, *config_values(cfg),
+                                       api_name="/train_launch")
+        assert run_name, msg
+        waited = client.predict(run_name, msg, api_name="/wait_start")  # what the tab shows once node 0 is up
+        assert waited.startswith(f"OK: **{run_name}** is running"), waited
+        commands = [line for line in waited.split("```")[1].strip().splitlines() if not line.startswith("#")]
+        assert waited.split("```")[1] == msg.split("```")[1] and len(commands) == 2, (msg, waited)
+        node1 = commands[1]
+        assert "NODE_RANK=1" in node1 and f"PORT={port}" in node1 and "--work-dir" in node1, node1
+        out = subprocess.run(["bash", "-c", node1], cwd=elsewhere, env=env, capture_output=True, text=True,
+                             stdin=subprocess.DEVNULL, timeout=900)
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+        run = RunDir(work / run_name)
+        launcher = ProcessRecord.from_dict(run.status().get("launcher"))
+        assert wait_for(lambda: not launcher.matches(), timeout=120), "node 0's launcher did not exit"
+        assert effective_status(run)["state"] == "finished", (run.launcher_log.read_text()[-3000:])
+    check_run(run.path, 2)
 
 
 @pytest.fixture(scope="module")

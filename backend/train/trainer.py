@@ -105,12 +105,20 @@ def load_model(cfg: Config, model_path: str, dtype: torch.dtype, attn: str, toke
     # LoRA/QLoRA hold the frozen base in the compute dtype and the adapters in fp32
     kwargs = dict(dtype=torch.float32 if method == "full" else dtype,
                   attn_implementation=attn, trust_remote_code=cfg.model.trust_remote_code)
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    zero3 = is_deepspeed_zero3_enabled()
     if method == "qlora":
-        kwargs["quantization_config"] = quantization_config(cfg, dtype)
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        kwargs["device_map"] = {"": local_rank} if torch.cuda.is_available() else {"": "cpu"}
+        kwargs["quantization_config"] = quantization_config(cfg, dtype, zero3=zero3)
+        if not zero3:  # under ZeRO-3 no rank holds the whole model: DeepSpeed places and partitions it
+            local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+            kwargs["device_map"] = {"": local_rank} if torch.cuda.is_available() else {"": "cpu"}
     model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
     model.config.use_cache = False
+    if method == "qlora" and zero3:
+        for m in model.modules():  # bitsandbytes' CPU inference repacks the weight in place, but under
+            if hasattr(m, "support_avx512bf16_for_cpu"):  # ZeRO-3 DeepSpeed owns the weight's storage
+                m.support_avx512bf16_for_cpu = False
     new_rows = grow_embeddings(model, tokenizer, cfg.data.template) if tokenizer is not None else []
     if method == "full":
         return model
@@ -151,7 +159,10 @@ def added_template_tokens(tokenizer, cfg: Config) -> list[str]:
     return [m for m in get_template(cfg.data.template).markers() if m in added]
 
 
-def quantization_config(cfg: Config, dtype: torch.dtype):
+def quantization_config(cfg: Config, dtype: torch.dtype, zero3: bool = False):
+    """bitsandbytes' settings. Under ZeRO-3 the packed 4-bit weights are stored
+    as ``dtype`` (the dtype of every other parameter), so DeepSpeed can flatten
+    and partition them with the rest; bitsandbytes unpacks them at each forward."""
     try:
         import bitsandbytes  # noqa: F401
         from transformers import BitsAndBytesConfig
@@ -165,7 +176,7 @@ def quantization_config(cfg: Config, dtype: torch.dtype):
     return BitsAndBytesConfig(
         load_in_4bit=q.bits == 4, load_in_8bit=q.bits == 8,
         bnb_4bit_quant_type=q.quant_type, bnb_4bit_use_double_quant=q.double_quant,
-        bnb_4bit_compute_dtype=compute,
+        bnb_4bit_compute_dtype=compute, **({"bnb_4bit_quant_storage": dtype} if zero3 else {}),
     )
 
 
