@@ -30,8 +30,10 @@ from pathlib import Path
 
 from .config import Config, ConfigError
 from .core import procs
+from .core.artifacts import ALLOW_CODE_IN_CONFIG, ArtifactError
 from .core.guard import is_hub_id
 from .core.rundir import ABORTED_EXIT, ACTIVE, WORKER_MODULE, RunDir, RunFolderError, last_error, now
+from .models import read_model_config
 
 DEEPSPEED_DIR = Path(__file__).resolve().parent / "deepspeed"
 DEEPSPEED_NAMES = ("deepspeed_zero1", "deepspeed_zero2", "deepspeed_zero2_offload", "deepspeed_zero3",
@@ -187,6 +189,11 @@ def preflight(cfg: Config, spec: LaunchSpec, deepspeed: Path | None, build_data:
     model = cfg.model.name_or_path
     if model != "demo" and not Path(model).expanduser().exists() and not is_hub_id(model):
         raise ConfigError(f"model.name_or_path {model!r}: no such folder, and not a Hub id like org/name")
+    try:  # its config, not its weights: a model that needs its own code, or an unreachable Hub, fails here
+        read_model_config(model, trust_remote_code=cfg.model.trust_remote_code, what="model.name_or_path",
+                          allow=ALLOW_CODE_IN_CONFIG)
+    except ArtifactError as exc:
+        raise ConfigError(str(exc)) from None
     if cfg.training.method == "qlora":
         try:
             import bitsandbytes  # noqa: F401

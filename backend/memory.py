@@ -235,18 +235,13 @@ def estimate_for(cfg, *, deepspeed: str | None = None, world_size: int = 1) -> t
     """The estimate for a Config as it would launch: reads the model's config
     (not its weights; 'demo' is the bundled model), the ZeRO stage and offload
     from the DeepSpeed config name. Returns (estimate, dtype it assumed)."""
-    from transformers import AutoConfig
-
-    from .demo import resolve_model
+    from .core.artifacts import ALLOW_CODE_IN_CONFIG
+    from .models import read_model_config
 
     key = (cfg.model.name_or_path, cfg.model.trust_remote_code)
     if key not in _MODEL_CONFIGS:
-        try:
-            _MODEL_CONFIGS[key] = AutoConfig.from_pretrained(resolve_model(cfg.model.name_or_path),
-                                                             trust_remote_code=cfg.model.trust_remote_code)
-        except (OSError, ValueError) as exc:
-            raise ValueError(f"cannot read the config of model {cfg.model.name_or_path}: "
-                             f"{str(exc).splitlines()[0][:300]}") from None
+        _MODEL_CONFIGS[key] = read_model_config(cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code,
+                                                what="model.name_or_path", allow=ALLOW_CODE_IN_CONFIG)
     name = deepspeed or ""
     stage = int(name[len("deepspeed_zero")]) if name.startswith("deepspeed_zero") else 0
     dtype = cfg.model.dtype if cfg.model.dtype != "auto" else "bf16"

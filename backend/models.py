@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .core.artifacts import ArtifactError, check_model_folder, loading_failure
-from .core.guard import Guard
+from .core.artifacts import ALLOW_CODE, ArtifactError, check_model_folder, loading_failure
+from .core.guard import Guard, is_hub_id
 
 
 def base_location(name: str, guard: Guard, what: str) -> str:
@@ -23,6 +23,22 @@ def base_location(name: str, guard: Guard, what: str) -> str:
     if Path(checked).is_absolute() and not Path(checked).exists():
         raise ArtifactError(f"{what} {name}: no such folder, and not a Hub id like org/name")
     return resolve_model(checked)
+
+
+def read_model_config(name_or_path: str, *, trust_remote_code: bool, what: str = "model", allow: str = ALLOW_CODE):
+    """A model's config (its config.json, no weights; 'demo' is the bundled model),
+    as the memory estimate and the launch preflight read it; failures in one line."""
+    from transformers import AutoConfig
+
+    from .demo import resolve_model
+
+    path = resolve_model(name_or_path)
+    if not Path(path).exists() and not is_hub_id(str(path)):
+        raise ArtifactError(f"{what} {name_or_path}: no such folder, and not a Hub id like org/name")
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ArtifactError(loading_failure(what, path, exc, allow)) from None
 
 
 def load_causal_lm(path: str, *, trust_remote_code: bool, what: str, **kwargs):

@@ -325,13 +325,17 @@ def check_model_folder(path: str | os.PathLike, what: str = "model") -> None:
     check_weights(path)
 
 
-def loading_failure(what: str, path: str, exc: Exception) -> str:
+ALLOW_CODE = "--trust-remote-code (the studio: --allow-custom-code)"
+ALLOW_CODE_IN_CONFIG = "model.trust_remote_code: true in your own config (the studio: --allow-custom-code)"
+
+
+def loading_failure(what: str, path: str, exc: Exception, allow: str = ALLOW_CODE) -> str:
     """One line for a model, tokenizer or adapter that would not load: a folder
-    that is not one, an unreachable Hub, or a model that needs its own code."""
+    that is not one, an unreachable Hub, or a model that needs its own code
+    (``allow``: how the operator allows code where this step is run)."""
     text = " ".join(str(exc).split())
     if "trust_remote_code" in text:
-        return (f"{what} {path} ships its own code, which is off here; allow it with --trust-remote-code "
-                "(the studio: --allow-custom-code) if you trust it")
+        return f"{what} {path} ships its own code, which is off here; allow it with {allow} if you trust it"
     if not Path(path).exists() and ("connect" in text.lower() or "offline" in text.lower()):
         return (f"{what} {path}: not on this machine and the Hub cannot be reached; download it first "
                 "(hf download) or give a local folder")
