@@ -37,6 +37,7 @@ bench: $(STAMP)
 	$(VENV)/bin/python bench/bench_data.py
 	$(VENV)/bin/python bench/bench_train.py
 	$(VENV)/bin/python bench/bench_chat.py
+	$(VENV)/bin/python bench/bench_merge.py
 	$(VENV)/bin/python bench/bench_studio.py
 
 clean:

@@ -14,6 +14,7 @@ from .core.atomic import OutputError
 from .core.guard import GuardError
 from .core.rundir import RunFolderError
 from .data.errors import DataError
+from .export import MERGE_DEVICE_HELP, MERGE_DEVICES, MERGE_DTYPE_HELP, MERGE_DTYPES
 from .launch import DEEPSPEED_NAMES, LaunchError
 
 # every mistake a user can make becomes one line and exit code 2 (a failed run: 1)
@@ -288,7 +289,8 @@ def cmd_convert(args) -> int:
                   safe_serialization=args.safe_serialization, max_shard_size=args.max_shard_size)
         return 0
     merge(args.llm, args.adapter, args.save_path, overwrite=args.overwrite, trust_remote_code=args.trust_remote_code,
-          max_shard_size=args.max_shard_size, safe_serialization=args.safe_serialization, device=args.device)
+          max_shard_size=args.max_shard_size, safe_serialization=args.safe_serialization, dtype=args.dtype,
+          device=args.device)
     return 0
 
 
@@ -410,7 +412,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_output_args(q)
     q.add_argument("--max-shard-size", default="2GB")
     q.add_argument("--safe-serialization", action=argparse.BooleanOptionalAction, default=True)
-    q.add_argument("--device", choices=["cpu", "cuda", "auto"], default="cpu")
+    q.add_argument("--dtype", choices=MERGE_DTYPES, default="auto", help=MERGE_DTYPE_HELP)
+    q.add_argument("--device", choices=MERGE_DEVICES, default="cpu", help=MERGE_DEVICE_HELP)
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("chat", help="chat with a model (+ adapter), streaming; RESET / EXIT at the prompt")
@@ -429,7 +432,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=positive_int, default=512)
     p.add_argument("--no-streamer", action="store_true", help="print each reply whole")
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--device", choices=["cpu", "cuda", "auto"], default="auto")
+    p.add_argument("--device", choices=["cpu", "cuda", "auto"], default="auto",
+                   help="auto: CUDA if there is one, else CPU. On CUDA the model goes onto the card with the most "
+                        "free memory, or is spread over all cards when it fits on none")
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("estimate-memory", help="memory per GPU for a config, before launching it")

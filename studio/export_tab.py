@@ -1,8 +1,9 @@
 """Export tab: a run's iter_<N>.pth -> Hugging Face adapter (or model) ->
-merged model, with the merge's logit parity shown. Calls
-``backend.export.pth_to_hf`` / ``merge``; both write to a temp folder and
-rename, so a failed export leaves nothing behind, and neither replaces a
-folder it did not write (Overwrite replaces only our own earlier export).
+merged model (at the base's precision unless another is picked), with the
+merge's logit parity shown. Calls ``backend.export.pth_to_hf`` / ``merge``;
+both write to a temp folder and rename, so a failed export leaves nothing
+behind, and neither replaces a folder it did not write (Overwrite replaces
+only our own earlier export).
 
 Every name a caller gives (run, checkpoint, folders) passes the guard: the
 API is callable directly, so the dropdowns' choices are not a limit."""
@@ -13,7 +14,7 @@ import gradio as gr
 
 from backend.core.artifacts import converted_dir, merged_dir, read_meta, recorded_base
 from backend.core.rundir import RunDir
-from backend.export import merge, pth_to_hf
+from backend.export import MERGE_DEVICE_HELP, MERGE_DEVICES, MERGE_DTYPE_HELP, MERGE_DTYPES, merge, pth_to_hf
 from backend.runs import list_runs
 
 from .context import USER_ERRORS, StudioContext, StudioError, bind, error_md
@@ -73,7 +74,8 @@ def do_convert(ctx: StudioContext, name, pth, out, overwrite=False, progress=gr.
             f"{meta['template']})."), meta.get("base_model", "")
 
 
-def do_merge(ctx: StudioContext, adapter, base_name, out, overwrite=False, progress=gr.Progress()):
+def do_merge(ctx: StudioContext, adapter, base_name, out, overwrite=False, dtype="auto", device="cpu",
+             progress=gr.Progress()):
     try:
         adapter = ctx.guard.model(adapter, "adapter")
         if not adapter:
@@ -84,11 +86,13 @@ def do_merge(ctx: StudioContext, adapter, base_name, out, overwrite=False, progr
             raise StudioError("give the base model the adapter was trained on")
         progress(0.2, desc="loading base + adapter, checking parity")
         record = merge(base_name, adapter, target, overwrite=bool(overwrite), trust_remote_code=ctx.allow_custom_code,
-                       guard=ctx.guard, log=_quiet)
+                       guard=ctx.guard, dtype=dtype or "auto", device=device or "cpu", log=_quiet)
     except USER_ERRORS as exc:
         return error_md(exc)
-    return (f"OK: Merged into `{target}`.  \nParity: max |logit difference| merged vs base + adapter = "
-            f"**{record['parity_max_abs_diff']:.3g}** (tolerance 1e-3 relative)")
+    return (f"OK: Merged into `{target}` ({record['dtype']}).  \nParity: max |logit difference| merged vs base + "
+            f"adapter = **{record['parity_max_abs_diff']:.3g}**, tolerance {record['parity_tolerance']:.3g} "
+            f"({record['parity_rtol']:.3g} of the logit scale {record['parity_logit_scale']:.3g}); the adapter moves "
+            f"logits by up to {record['adapter_max_logit_effect']:.3g}")
 
 
 def build(ctx: StudioContext):
@@ -111,6 +115,10 @@ def build(ctx: StudioContext):
         base = gr.Textbox(label="Base model", scale=2, elem_id="export-base",
                           info="defaults to the base the adapter was trained on")
         merged_out = gr.Textbox(label="Merge into", scale=3, elem_id="export-merged-out")
+        dtype = gr.Dropdown(choices=list(MERGE_DTYPES), value="auto", label="Precision", info=MERGE_DTYPE_HELP,
+                            scale=1, elem_id="export-dtype")
+        device = gr.Dropdown(choices=list(MERGE_DEVICES), value="cpu", label="Device", info=MERGE_DEVICE_HELP,
+                             scale=1, elem_id="export-device")
         merge_btn = gr.Button("Merge", variant="primary", scale=1, elem_id="export-merge")
     merge_msg = gr.Markdown(elem_id="export-merge-msg")
 
@@ -119,6 +127,6 @@ def build(ctx: StudioContext):
     ckpt.change(bind(on_ckpt, ctx), [run, ckpt], [hf_out, merged_out])
     convert_btn.click(bind(do_convert, ctx), [run, ckpt, hf_out, overwrite], [convert_msg, base],
                       api_name="export_convert", concurrency_id=GPU, concurrency_limit=1)
-    merge_btn.click(bind(do_merge, ctx), [hf_out, base, merged_out, overwrite], merge_msg, api_name="export_merge",
-                    concurrency_id=GPU, concurrency_limit=1)
+    merge_btn.click(bind(do_merge, ctx), [hf_out, base, merged_out, overwrite, dtype, device], merge_msg,
+                    api_name="export_merge", concurrency_id=GPU, concurrency_limit=1)
     return run, bind(on_refresh, ctx)

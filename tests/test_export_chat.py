@@ -201,3 +201,167 @@ def test_stream_reply_equals_generate(tiny_model):
     chat.stop_words = []
     sampled = GenerationSettings(max_new_tokens=20, temperature=0.8, seed=3)
     assert reply(chat, [], "Hi", sampled) == reply(chat, [], "Hi", sampled)
+
+
+# --- merge at the base's precision -------------------------------------------------------------
+
+
+def _weights(folder) -> dict:
+    from safetensors.torch import load_file
+
+    out = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(path))
+    return out
+
+
+def _weights_size(folder) -> int:
+    return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def bf16_base(tmp_path_factory, tiny_model):
+    """The tiny model saved in bf16 (config dtype bfloat16), and a LoRA adapter
+    for it with random B on every linear layer, so merging changes the weights."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    root = tmp_path_factory.mktemp("bf16")
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.bfloat16)
+    model.save_pretrained(root / "base")
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(root / "base")
+    torch.manual_seed(0)
+    lora = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for name, p in lora.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.05)
+    lora.save_pretrained(root / "adapter")
+    return root
+
+
+def test_bf16_base_merges_in_bf16_at_its_size(bf16_base, tmp_path):
+    import hashlib
+
+    base, adapter = bf16_base / "base", bf16_base / "adapter"
+    assert json.loads((base / "config.json").read_text())["dtype"] == "bfloat16"
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(base.glob("*.safetensors")))).hexdigest()
+    out = ftstudio("convert", "merge", base, adapter, tmp_path / "merged", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "parity: max |logit difference|" in out.stdout and "tolerance" in out.stdout and "bfloat16" in out.stdout
+    merged = tmp_path / "merged"
+    record = json.loads((merged / "ftstudio.json").read_text())
+    assert record["dtype"] == "bfloat16" and record["parity_rtol"] == 1 / 8
+    assert 0 < record["parity_max_abs_diff"] <= record["parity_tolerance"]
+    assert record["adapter_max_logit_effect"] > record["parity_tolerance"]  # the check could tell a lost adapter
+    assert json.loads((merged / "config.json").read_text())["dtype"] == "bfloat16"
+    got = _weights(merged)
+    assert {t.dtype for t in got.values()} == {torch.bfloat16}
+    assert abs(_weights_size(merged) - _weights_size(base)) <= 0.01 * _weights_size(base)
+    # W + scaling * B @ A, rounded once to bf16: the merge applied the adapter, and only it
+    lora = _weights(adapter)
+    name = next(k for k in got if k.endswith("layers.1.mlp.down_proj.weight"))
+    a, b = (next(v for k, v in lora.items() if k.endswith(f"layers.1.mlp.down_proj.lora_{x}.weight")) for x in "AB")
+    w = _weights(base)[name]
+    want = (w.float() + 2.0 * b.float() @ a.float()).to(torch.bfloat16)  # scaling = alpha / r = 16 / 8
+    assert not torch.equal(got[name], w)
+    torch.testing.assert_close(got[name].float(), want.float(), rtol=2 ** -7, atol=1e-6)
+    # merged in place on the loaded base: the base's files are as they were
+    assert hashlib.sha256(b"".join(p.read_bytes() for p in sorted(base.glob("*.safetensors")))).hexdigest() == digest
+
+
+def test_auto_dtype_reads_the_weights_when_the_config_has_none(bf16_base, tmp_path):
+    import shutil
+
+    from backend.export import merge
+
+    base = tmp_path / "base"
+    shutil.copytree(bf16_base / "base", base)
+    config = json.loads((base / "config.json").read_text())
+    config.pop("dtype", None)
+    config.pop("torch_dtype", None)
+    (base / "config.json").write_text(json.dumps(config))
+    record = merge(str(base), bf16_base / "adapter", tmp_path / "merged", log=lambda *_: None)
+    assert record["dtype"] == "bfloat16"
+    assert {t.dtype for t in _weights(tmp_path / "merged").values()} == {torch.bfloat16}
+
+
+def test_merge_dtype_fp32_and_a_bad_dtype(bf16_base, tmp_path):
+    base, adapter = bf16_base / "base", bf16_base / "adapter"
+    out = ftstudio("convert", "merge", base, adapter, tmp_path / "fp32", "--dtype", "fp32", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    record = json.loads((tmp_path / "fp32" / "ftstudio.json").read_text())
+    assert record["dtype"] == "float32" and record["parity_rtol"] == 1e-3
+    assert record["parity_max_abs_diff"] < 1e-3
+    assert json.loads((tmp_path / "fp32" / "config.json").read_text())["dtype"] == "float32"
+    assert {t.dtype for t in _weights(tmp_path / "fp32").values()} == {torch.float32}
+    assert _weights_size(tmp_path / "fp32") > 1.9 * _weights_size(base)
+
+    out = ftstudio("convert", "merge", base, adapter, tmp_path / "bad", "--dtype", "bf17", cwd=tmp_path)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("ftstudio convert merge: error:") and "--dtype" in last and "'bf17'" in last, out.stderr
+    assert "bf16" in last and not (tmp_path / "bad").exists()
+
+
+def test_bf16_parity_still_refuses_a_wrong_merge(bf16_base, tmp_path, monkeypatch):
+    """At bf16's looser tolerance a merge that drops the adapter is still caught, and nothing is saved."""
+    from peft.tuners.lora import LoraModel
+
+    from backend.core.artifacts import ArtifactError
+    from backend.export import merge
+
+    monkeypatch.setattr(LoraModel, "merge_and_unload", LoraModel.unload)  # the adapter removed, not merged
+    lines = []
+    with pytest.raises(ArtifactError, match=r"disagrees with base\+adapter .*tolerance .* in bfloat16.*not saved"):
+        merge(str(bf16_base / "base"), bf16_base / "adapter", tmp_path / "merged", log=lines.append)
+    assert any("parity: max |logit difference|" in line for line in lines)
+    assert not (tmp_path / "merged").exists()
+
+
+def test_merge_device_and_load_arguments():
+    from backend.core.artifacts import ArtifactError
+    from backend.export import merge_device, merge_load_kwargs, parity_rtol
+
+    assert merge_device("auto", cuda_available=True) == "cuda"
+    assert merge_device("auto", cuda_available=False) == "cpu"
+    assert merge_device("cuda", cuda_available=True) == "cuda"
+    assert merge_device("cpu", cuda_available=True) == "cpu"
+    with pytest.raises(ArtifactError, match="no CUDA GPU here"):
+        merge_device("cuda", cuda_available=False)
+    with pytest.raises(ArtifactError, match="choose one of cpu, cuda, auto"):
+        merge_device("tpu", cuda_available=True)
+    # one load, at the merge's precision, straight onto the GPU (no CPU copy first) when it runs there
+    assert merge_load_kwargs("auto", "cpu") == {"dtype": "auto"}
+    assert merge_load_kwargs("fp32", "cpu") == {"dtype": "float32"}
+    assert merge_load_kwargs("bf16", "cuda") == {"dtype": "bfloat16", "device_map": {"": "cuda"}}
+    assert merge_load_kwargs("fp16", "cuda") == {"dtype": "float16", "device_map": {"": "cuda"}}
+    with pytest.raises(ArtifactError, match="merge dtype 'float8': choose one of auto, bf16, fp16, fp32"):
+        merge_load_kwargs("float8", "cpu")
+    assert (parity_rtol(torch.float32), parity_rtol(torch.bfloat16), parity_rtol(torch.float16)) == (1e-3, 1 / 8, 1 / 64)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_merge_on_cuda_without_a_gpu_is_refused_before_loading(bf16_base, tmp_path):
+    out = ftstudio("convert", "merge", bf16_base / "base", bf16_base / "adapter", tmp_path / "m", "--device", "cuda",
+                   cwd=tmp_path)
+    assert out.returncode == 2 and "no CUDA GPU here" in out.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in out.stderr and not (tmp_path / "m").exists()
+
+
+def test_export_tab_merges_at_the_chosen_dtype(bf16_base, tmp_path):
+    import shutil
+
+    from studio.context import StudioContext
+    from studio.export_tab import do_merge
+
+    ctx = StudioContext(tmp_path / "work")
+    for name in ("base", "adapter"):
+        shutil.copytree(bf16_base / name, ctx.work_dir / name)
+    msg = do_merge(ctx, str(ctx.work_dir / "adapter"), str(ctx.work_dir / "base"), "merged", False, "fp16", "cpu")
+    assert msg.startswith("OK: Merged into") and "(float16)" in msg and "tolerance" in msg, msg
+    assert json.loads((ctx.work_dir / "merged" / "config.json").read_text())["dtype"] == "float16"
+    msg = do_merge(ctx, str(ctx.work_dir / "adapter"), str(ctx.work_dir / "base"), "m2", False, "bf17", "cpu")
+    assert msg.startswith("**Error:**") and "merge dtype 'bf17'" in msg and not (ctx.work_dir / "m2").exists()
+    msg = do_merge(ctx, str(ctx.work_dir / "adapter"), str(bf16_base / "base"), "m3", False, "auto", "cpu")
+    assert msg.startswith("**Error:**") and "outside the folders" in msg  # the guard still holds
