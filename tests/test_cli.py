@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 
+import pytest
 
 from backend.data.map_fns import MAP_FNS
 from backend.data.templates import TEMPLATES
@@ -87,3 +88,16 @@ def test_demo_runs_without_shared(tmp_path):
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "demo" / "tokenizer" / "tokenizer.json").exists()
     assert "rows        50" in out.stdout and "⟦Finetune Studio is a browser studio" in out.stdout
+
+
+def test_overrides_may_follow_the_options():
+    from backend.cli import build_parser, parse
+
+    args = parse(build_parser(), ["estimate-memory", "tiny_demo", "--world-size", "2", "training.method=lora"])
+    assert args.overrides == ["training.method=lora"] and args.world_size == 2
+    args = parse(build_parser(), ["train", "tiny_demo", "lora.r=4", "--deepspeed", "deepspeed_zero2", "data.pack=false"])
+    assert args.overrides == ["lora.r=4", "data.pack=false"]
+    with pytest.raises(SystemExit):
+        parse(build_parser(), ["estimate-memory", "tiny_demo", "--bogus"])
+    with pytest.raises(SystemExit):
+        parse(build_parser(), ["runs", "training.method=lora"])  # takes no overrides
