@@ -15,9 +15,11 @@ import subprocess
 import pytest
 from gradio_client import Client
 
-from backend.core.rundir import RunDir
+from backend.config import load_config
+from backend.core.rundir import RunDir, effective_status
 from conftest import STORIES_MODEL
-from studio_utils import running_studio
+from studio.train_tab import FIELDS, config_values
+from studio_utils import running_studio, wait_for
 from train_utils import FTSTUDIO, ftstudio
 
 ROWS = [{"instruction": "hi", "input": "", "output": "Hello! I am Tim, made by Lily."},
@@ -123,24 +125,48 @@ def test_trained_converted_merged_and_chatted_with_permission(remote):
     assert refused.returncode != 0 and "--trust-remote-code" in refused.stderr, refused.stderr
 
 
-def chat_through_studio(url: str, model: str) -> tuple[str, str]:
+def chat_through_studio(client: Client, model: str) -> tuple[str, str]:
     """(reply, status line) of the Chat tab's API for one greedy turn."""
-    client = Client(url, verbose=False)
     tuned, _base, _msg, status = client.predict("hi", [], [], model, "llama2_chat", "", False, 0.0, 0.75, 40, 8,
                                                 1.0, api_name="/chat_send")
     reply = tuned[-1]["content"] if isinstance(tuned, list) and tuned else ""  # an error leaves the chat as it was
     return (reply if isinstance(reply, str) else json.dumps(reply)), status
 
 
-def test_studio_chats_with_it_only_when_the_operator_allows_custom_code(remote):
+def launch_through_studio(client: Client, remote) -> tuple[str, str]:
+    """(message, run name) of the Train tab's Launch for a short LoRA run of the remote-code model."""
+    cfg = load_config("tiny_demo", list(train_args(remote)[2:]))
+    values = config_values(cfg)
+    values[[f["key"] for f in FIELDS].index("model.trust_remote_code")] = True
+    return client.predict("remote", "none", 1, 1, "", 29500, *values, api_name="/train_launch")
+
+
+def test_studio_trains_exports_and_chats_only_when_the_operator_allows_custom_code(remote):
     work = remote["work"]
     model = str(remote["model"].relative_to(work))
     before = ran(remote)
     with running_studio(work) as (url, _):
-        reply, status = chat_through_studio(url, model)
-    assert "--allow-custom-code" in status and not reply, status
+        client = Client(url, verbose=False)
+        reply, status = chat_through_studio(client, model)
+        assert "--allow-custom-code" in status and not reply, status
+        msg, name = launch_through_studio(client, remote)
+        assert name == "" and "not launched" in msg, msg
     assert ran(remote) == before
     with running_studio(work, "--allow-custom-code") as (url, _):
-        reply, status = chat_through_studio(url, model)
-    assert reply and "Error" not in status, status
+        client = Client(url, verbose=False)
+        msg, name = launch_through_studio(client, remote)
+        assert name, msg
+        run = RunDir(work / name)
+        assert wait_for(lambda: effective_status(run).get("state") in ("finished", "failed"), timeout=600)
+        assert effective_status(run)["state"] == "finished", (run.path / "train.log").read_text()[-3000:]
+        pth = run.iters()[-1][1].name
+        adapter = f"{name}/hf/{pth.removesuffix('.pth')}"
+        said, _ = client.predict(name, pth, adapter, api_name="/export_convert")
+        assert (work / adapter / "adapter_config.json").exists(), said
+        merged = f"{name}/merged/{pth.removesuffix('.pth')}"
+        said = client.predict(adapter, model, merged, False, "auto", "cpu", api_name="/export_merge")
+        assert (work / merged / "config.json").exists(), said
+        for chosen in (model, adapter, merged):
+            reply, status = chat_through_studio(client, chosen)
+            assert reply and "Error" not in status, (chosen, status)
     assert ran(remote) > before
