@@ -29,11 +29,10 @@ from .core.artifacts import (
     converted_dir, has_tokenizer, is_adapter, is_model, lora_targets, output_dir, output_kind, read_iter, read_meta,
 )
 from .core.guard import Guard
-from .models import base_location, fit_embeddings, load_causal_lm
+from .models import TORCH_DTYPES, base_location, fit_embeddings, load_causal_lm
 
 PARITY_PROMPTS = ("Hello! Who are you?", "Give three tips for staying healthy.", "1 + 1 =")
 # merge precision: 'auto' keeps the base's own dtype; where it runs: 'auto' is the GPU if there is one
-TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 MERGE_DTYPES = ("auto", *TORCH_DTYPES)
 MERGE_DEVICES = ("cpu", "cuda", "auto")
 MERGE_DTYPE_HELP = "auto: the base's own dtype (its config, else its weights), so the merge is the base's size"

@@ -13,6 +13,10 @@ from .core.artifacts import ALLOW_CODE, ArtifactError, check_model_folder, loadi
 from .core.guard import Guard, is_hub_id
 
 
+# the dtype names configs and the CLI use, as torch spells them (from_pretrained takes the strings)
+TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
 def base_location(name: str, guard: Guard, what: str) -> str:
     """A base model named by a user or recorded in an artifact: through the guard, 'demo' resolved."""
     from .demo import resolve_model

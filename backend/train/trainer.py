@@ -59,7 +59,9 @@ def resolve_dtype(name: str) -> torch.dtype:
         return torch.bfloat16 if cpu_has_bf16() else torch.float32
     if name == "fp16" and not cuda:
         raise ConfigError("model.dtype is fp16, which needs a GPU; use bf16 or fp32 on a CPU")
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+    from ..models import TORCH_DTYPES
+
+    return getattr(torch, TORCH_DTYPES[name])
 
 
 def resolve_attention(name: str) -> str:
