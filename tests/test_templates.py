@@ -16,6 +16,7 @@ from backend.data import (
     DataError,
     build_dataset,
     encode,
+    generation_prompt,
     get_map_fn,
     get_template,
     to_messages,
@@ -198,6 +199,23 @@ def test_hf_chat_template_masks_output_without_loss(minimind_tokenizer):
     out = encode(conv, minimind_tokenizer, "hf_chat_template")
     answers = [m["content"] + "<|im_end|>" for m in messages[3::2]]
     assert [minimind_tokenizer.decode(run) for run in _trained_runs(out)] == answers
+
+
+def test_hf_chat_template_trains_a_first_answer_token_bpe_would_merge_with_the_prompt(minimind_tokenizer):
+    """A generation prompt ending in a space ("### Assistant: ") and an answer starting with a letter: tokenized
+    whole, BPE makes " D" + "o" and the D was never trained. Parts are tokenized apart: every answer character is
+    trained, and the prompt's tokens are exactly what generation_prompt gives the model at inference."""
+    tok = copy.deepcopy(minimind_tokenizer)
+    tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'user' %}### Human: {{ m['content'] }}\n"
+                         "{% elif m['role'] == 'assistant' %}### Assistant: {{ m['content'] }}\n{% endif %}"
+                         "{% endfor %}{% if add_generation_prompt %}### Assistant: {% endif %}")
+    whole = tok("### Assistant: Do", add_special_tokens=False)["input_ids"]
+    assert tok.decode(whole[-1:]) == " Do"  # the merge: one token across the prompt/answer border
+    conv = [{"input": "Hi there", "output": "Do not worry."}, {"input": "Why?", "output": "Because."}]
+    out = encode(conv, tok, "hf_chat_template")
+    assert [tok.decode(run) for run in _trained_runs(out)] == ["Do not worry.", "Because."]
+    prompt = generation_prompt([{"input": "Hi there"}], tok, "hf_chat_template")
+    assert out["input_ids"][:len(prompt)] == prompt
 
 
 def test_hf_chat_template_needs_a_chat_template(stories_tokenizer):

@@ -18,8 +18,9 @@ Labels are built here and nowhere else. The rules are XTuner 0.2's
   reported as dropped, never trained on.
 
 ``hf_chat_template`` instead renders the whole conversation with the
-tokenizer's ``chat_template`` and trains the characters that each assistant
-message adds (found by rendering the prefix with ``add_generation_prompt``).
+tokenizer's ``chat_template``, finds the text each assistant message adds
+(by rendering the prefix with ``add_generation_prompt``), and tokenizes the
+prompt and answer parts apart, so no token straddles a border.
 
 For speed the batch path tokenizes every prompt and answer of a batch in one
 call into the Rust tokenizer, which is where almost all the time goes.
@@ -290,7 +291,7 @@ def encode_chat_template(conversation: list[dict], tokenizer, max_length: int | 
         return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
 
     text = render(messages, False)
-    spans = []
+    spans = []  # (start, end, trained) of each assistant part of ``text``
     turn_i = 0
     for k, msg in enumerate(messages):
         if msg["role"] != "assistant":
@@ -303,20 +304,30 @@ def encode_chat_template(conversation: list[dict], tokenizer, max_length: int | 
                 "(an earlier turn changes when a later one is added), so the assistant's part "
                 "cannot be located; use a named template instead"
             )
-        end = len(upto.rstrip())
-        if conversation[turn_i].get("output_with_loss", True) is not False:
-            spans.append((len(prompt), end))
+        spans.append((len(prompt), len(upto.rstrip()), conversation[turn_i].get("output_with_loss", True) is not False))
         turn_i += 1
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    input_ids = list(enc["input_ids"])
-    labels = []
-    s = 0
-    for tok, (start, stop) in zip(input_ids, enc["offset_mapping"]):
-        while s < len(spans) and start >= spans[s][1]:
-            s += 1
-        inside = s < len(spans) and spans[s][0] <= start < spans[s][1] and stop > start
-        labels.append(tok if inside else IGNORE_INDEX)
-    return _finish(input_ids, labels, max_length)
+    return _finish(*_tokenize_parts(text, spans, tokenizer), max_length)
+
+
+def _tokenize_parts(text: str, spans: list[tuple[int, int, bool]], tokenizer) -> tuple[list[int], list[int]]:
+    """Prompt and answer parts tokenized apart (as XTuner does, and as ``generation_prompt`` tokenizes a
+    prompt at inference), so no token straddles a border: tokenized whole, BPE merges a prompt's trailing
+    space with the answer's first letter (``"Assistant: " + "Do"`` -> ``" D"``, ``"o"``), and that token
+    would be neither the prompt the model sees at inference nor a trained answer token."""
+    parts, trained, pos = [], [], 0
+    for start, end, loss in spans:
+        parts += [text[pos:start], text[start:end]]
+        trained += [False, loss]
+        pos = end
+    parts.append(text[pos:])
+    trained.append(False)
+    kept = [(p, t) for p, t in zip(parts, trained) if p]
+    encoded = tokenizer([p for p, _ in kept], add_special_tokens=False)["input_ids"] if kept else []
+    input_ids, labels = [], []
+    for ids, (_, loss) in zip(encoded, kept):
+        input_ids += ids
+        labels += ids if loss else [IGNORE_INDEX] * len(ids)
+    return input_ids, labels
 
 
 def encode(conversation: list[dict], tokenizer, template, max_length: int | None = None) -> dict:
