@@ -244,7 +244,8 @@ def test_checkpoint_shapes_and_lora_pairs_must_fit(tmp_path):
 
 OWNED_NAMES = {"config.yaml", "requested.yaml", "launch.json", "deepspeed.json", "status.json", "result.json",
                "stop.json", "train.log", "launcher.log", "metrics.jsonl", "samples.jsonl", "checkpoints", "COMPLETE",
-               ".space-reserve", "ftstudio.json", "adapter_config.json", "tokenizer_config.json", "uploads", "configs"}
+               ".space-reserve", "ftstudio.json", "adapter_config.json", "tokenizer_config.json", "uploads", "configs",
+               "trackers", "evals"}
 OWNERS = {"backend/core/rundir.py", "backend/core/artifacts.py"}
 
 

@@ -15,6 +15,8 @@ and the one module that spells its file names and moves its state.
     train.log        every rank's output       metrics.jsonl / samples.jsonl (rank 0)
     iter_<N>.pth     see ``backend.core.artifacts``
     checkpoints/checkpoint-<N>/   Trainer's resumable state, with a COMPLETE mark once whole
+    trackers/        where TensorBoard, MLflow, W&B or trackio log the run (``training.report_to``)
+    evals/<name>.json   benchmark results (``ftstudio eval``), one file per model and task set
     .space-reserve   a few bytes given back to record the end of a run on a full disk
 
 States: queued -> running -> finished | failed | aborted, or queued -> failed |
@@ -45,6 +47,7 @@ STATUS, RESULT, STOP = "status.json", "result.json", "stop.json"
 TRAIN_LOG, LAUNCHER_LOG = "train.log", "launcher.log"
 METRICS, SAMPLES = "metrics.jsonl", "samples.jsonl"
 CHECKPOINTS, COMPLETE_MARK = "checkpoints", "COMPLETE"
+TRACKERS, EVALS = "trackers", "evals"
 RESERVE = ".space-reserve"
 ABORTED_EXIT = 143  # an aborted run exits like a process stopped by SIGTERM
 RESERVE_BYTES = 1 << 20
@@ -105,6 +108,8 @@ class RunDir:
     metrics_file = property(lambda self: self.path / METRICS)
     samples_file = property(lambda self: self.path / SAMPLES)
     checkpoints_dir = property(lambda self: self.path / CHECKPOINTS)
+    trackers_dir = property(lambda self: self.path / TRACKERS)
+    evals_dir = property(lambda self: self.path / EVALS)
 
     # --- what it is -----------------------------------------------------------------
 
@@ -224,6 +229,29 @@ class RunDir:
             if path.exists():
                 rows = [r for r in read_jsonl(path) if r.get("step", 0) <= step]
                 write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+    # --- benchmark results ------------------------------------------------------------
+
+    def write_eval(self, name: str, result: dict) -> Path:
+        """evals/<name>.json, written whole (temp, then rename); ``name`` is a plain file stem."""
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,120}", name or ""):
+            raise RunFolderError(f"evaluation name {name!r}: use letters, digits, '.', '_' or '-'")
+        self.evals_dir.mkdir(exist_ok=True)
+        path = self.evals_dir / f"{name}.json"
+        write_json(path, result)
+        return path
+
+    def evals(self) -> list[dict]:
+        """Every stored benchmark result, oldest first (unreadable files skipped)."""
+        if not self.evals_dir.is_dir():
+            return []
+        found = [(p.stat().st_mtime, p) for p in self.evals_dir.glob("*.json") if p.is_file()]
+        out = []
+        for _, p in sorted(found):
+            data = read_json(p)
+            if data:
+                out.append({**data, "name": p.stem})
+        return out
 
     # --- checkpoints ------------------------------------------------------------------
 
