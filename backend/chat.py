@@ -16,6 +16,7 @@ chat can give its memory back to a training run.
 from __future__ import annotations
 
 import dataclasses
+import threading
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -102,6 +103,60 @@ def load_chat_model(llm: str, adapter: str | None = None, template: str | None =
                      stop_words(tokenizer, tpl), meta, base=llm_path if adapter else None)
 
 
+def load_adapters(llm: str, adapters: dict[str, str], *, template: str | None = None, system: str | None = None,
+                  device: str = "auto", trust_remote_code: bool = False,
+                  guard: Guard | None = None) -> tuple[ChatModel, dict[str, ChatModel]]:
+    """One base with several LoRA adapters on it, as peft's named adapters on one PeftModel (one copy of
+    the base): (the base's own answers, adapters off; {adapter name: its ChatModel}). All of them share
+    ``.model``; a caller activates one with ``model.set_adapter(name)`` before its steps (``backend.serve``
+    does, per step, under the model's lock). Names must be valid module names (no '.'). Templates and
+    system texts default to what each adapter recorded; the base's to its own record, else the first
+    adapter's (it answers in its adapters' format, as the Chat tab's side by side does)."""
+    from peft import PeftModel
+
+    from .data import get_template, load_tokenizer, stop_words
+    from .models import base_location, fit_embeddings
+
+    guard = guard or Guard.cli()
+    llm_path = base_location(llm, guard, "model")
+    metas = {}
+    for name, path in adapters.items():
+        if not is_adapter(path):
+            raise ArtifactError(f"adapter {path}: not an adapter folder (convert an iter_<N>.pth with "
+                                "`ftstudio convert pth_to_hf` first)")
+        metas[name] = read_meta(path)
+        if not (template or metas[name].get("template")):
+            raise ArtifactError(f"no prompt template recorded with {path}; give --prompt-template "
+                                "(ftstudio list-template)")
+    model = _load_placed(llm_path, None, device, trust_remote_code)
+    base_tok = load_tokenizer(llm_path, trust_remote_code=trust_remote_code)
+    out = {}
+    for name, path in adapters.items():
+        tok = load_tokenizer(path, trust_remote_code=trust_remote_code) if has_tokenizer(path) else base_tok
+        fit_embeddings(model, len(tok))
+        try:
+            check_weights(path)
+            if isinstance(model, PeftModel):
+                model.load_adapter(path, adapter_name=name)
+            else:
+                model = PeftModel.from_pretrained(model, path, adapter_name=name)
+        except (RuntimeError, ValueError, KeyError, OSError) as exc:
+            raise ArtifactError(f"adapter {path} does not fit {llm}: {str(exc).splitlines()[0][:300]}") from None
+        tpl = get_template(template or metas[name]["template"])
+        own_system = metas[name].get("system", "") if system is None else system
+        out[name] = ChatModel(model, tok, tpl.name, own_system, stop_words(tok, tpl), metas[name], base=llm_path)
+    model.eval()
+    base_meta = read_meta(llm_path)
+    first = next(iter(out.values()), None)
+    base_tpl = get_template(template or base_meta.get("template") or (first.template if first else None) or "")
+    base_system = base_meta.get("system", "") if system is None else system
+    base = ChatModel(model, base_tok, base_tpl.name, base_system, stop_words(base_tok, base_tpl), {},
+                     base=llm_path, adapter_off=bool(out))
+    for chat in out.values():
+        chat.model = model  # the PeftModel, for adapters loaded before it wrapped the base
+    return base, out
+
+
 def _load_placed(llm_path: str, bits: int | None, device: str, trust_remote_code: bool):
     """The model loaded straight onto its device(s): no CPU copy first, no ``.to()`` afterwards."""
     from .models import cuda_free_bytes, load_causal_lm, placement, weights_bytes
@@ -162,7 +217,12 @@ class ModelCache:
     ones are unloaded until it fits, so two big models never meet on a card next to a training run; once
     loaded, its real size is checked again. ``unload``/``unload_all`` free for real (references dropped,
     garbage collected, CUDA's cached blocks released). Side by side for base + adapter is a view on the
-    same model (``without_adapter``): one copy of the base."""
+    same model (``without_adapter``): one copy of the base.
+
+    Thread-safe: the studio's ``/v1`` API asks for models from its own threads while the Chat tab does
+    from Gradio's. One re-entrant lock covers every lookup, load and unload (a second caller of a model
+    being loaded waits for that load instead of loading it twice). A model unloaded while a reply is
+    streaming stays alive until that reply ends: the reply holds its own reference."""
 
     def __init__(self, size: int = 2, max_bytes: int | None = None, loader=None):
         self.size = size
@@ -171,16 +231,19 @@ class ModelCache:
         self._models: dict[tuple, ChatModel] = {}
         self._bytes: dict[tuple, int] = {}
         self._views: dict[tuple, ChatModel] = {}  # key of a base + adapter model -> its base view
+        self._lock = threading.RLock()
 
     def __len__(self) -> int:
         return len(self._models)
 
     def resident_bytes(self) -> int:
-        return sum(self._bytes.values())
+        with self._lock:
+            return sum(self._bytes.values())
 
     def loaded(self) -> list[tuple[str, int]]:
         """(what, bytes) of each loaded model, least recently used first."""
-        return [(label(k), self._bytes[k]) for k in self._models]
+        with self._lock:
+            return [(label(k), self._bytes[k]) for k in self._models]
 
     def get(self, llm: str, adapter: str | None = None, template: str | None = None, bits: int | None = None,
             *, guard: Guard | None = None, trust_remote_code: bool = False, keep: ChatModel | None = None):
@@ -188,48 +251,52 @@ class ModelCache:
         from .models import model_bytes, weights_bytes
 
         key = (llm, adapter, template, bits, trust_remote_code)
-        if key in self._models:
-            self._models[key] = self._models.pop(key)  # most recently used last
-            return self._models[key]
-        keep_key = self._key_of(keep)
-        self._evict_for((weights_bytes(llm) or 0) * (bits / 16 if bits else 1), 1, keep_key)
-        chat = self._load(llm, adapter, template=template, bits=bits, guard=guard,
-                          trust_remote_code=trust_remote_code)
-        self._models[key], self._bytes[key] = chat, model_bytes(chat.model)
-        self._evict_for(0, 0, keep_key, key)
-        return chat
+        with self._lock:
+            if key in self._models:
+                self._models[key] = self._models.pop(key)  # most recently used last
+                return self._models[key]
+            keep_key = self._key_of(keep)
+            self._evict_for((weights_bytes(llm) or 0) * (bits / 16 if bits else 1), 1, keep_key)
+            chat = self._load(llm, adapter, template=template, bits=bits, guard=guard,
+                              trust_remote_code=trust_remote_code)
+            self._models[key], self._bytes[key] = chat, model_bytes(chat.model)
+            self._evict_for(0, 0, keep_key, key)
+            return chat
 
     def base_for(self, tuned: ChatModel, base: str, *, guard: Guard | None = None,
                  trust_remote_code: bool = False) -> ChatModel:
         """The base side of side by side: ``tuned`` with its adapter off when it has one, else the base loaded."""
-        key = self._key_of(tuned)
-        if tuned.base is None or key is None or key[0] != base:  # no adapter (merged, full): load the base
-            return self.get(base, None, template=tuned.template, guard=guard, trust_remote_code=trust_remote_code,
-                            keep=tuned)
-        if key not in self._views:
-            from .data import load_tokenizer
+        with self._lock:
+            key = self._key_of(tuned)
+            if tuned.base is None or key is None or key[0] != base:  # no adapter (merged, full): load the base
+                return self.get(base, None, template=tuned.template, guard=guard,
+                                trust_remote_code=trust_remote_code, keep=tuned)
+            if key not in self._views:
+                from .data import load_tokenizer
 
-            own = has_tokenizer(key[1])  # the adapter brought a tokenizer (maybe with added tokens): not the base's
-            tok = load_tokenizer(tuned.base, trust_remote_code=trust_remote_code) if own else None
-            self._views[key] = without_adapter(tuned, tok)
-        return self._views[key]
+                own = has_tokenizer(key[1])  # the adapter brought a tokenizer (maybe with added tokens)
+                tok = load_tokenizer(tuned.base, trust_remote_code=trust_remote_code) if own else None
+                self._views[key] = without_adapter(tuned, tok)
+            return self._views[key]
 
     def unload(self, chat: ChatModel) -> int:
         """Unload one model (and its base view); the bytes it held, 0 if it was not loaded."""
-        key = self._key_of(chat)
-        if key is None:
-            return 0
-        freed = self._drop(key)
-        _free_memory()
-        return freed
+        with self._lock:
+            key = self._key_of(chat)
+            if key is None:
+                return 0
+            freed = self._drop(key)
+            _free_memory()
+            return freed
 
     def unload_all(self) -> list[tuple[str, int]]:
         """Unload every model; (what, bytes) of each."""
-        gone = self.loaded()
-        for key in list(self._models):
-            self._drop(key)
-        _free_memory()
-        return gone
+        with self._lock:
+            gone = self.loaded()
+            for key in list(self._models):
+                self._drop(key)
+            _free_memory()
+            return gone
 
     def budget(self) -> int:
         return self.max_bytes if self.max_bytes is not None else memory_budget()
@@ -327,18 +394,20 @@ def new_cache(model):
     return DynamicCache()
 
 
-def _stepper(model, adapter_off: bool):
+def _stepper(model, adapter_off: bool, around=None):
     """One forward step with the KV cache: ``step(ids, mask) -> logits``. With ``adapter_off`` each step runs
-    under ``disable_adapter()`` and leaves it again, so another answer's steps in between keep the adapter."""
+    under ``disable_adapter()`` and leaves it again, so another answer's steps in between keep the adapter.
+    ``around()`` is entered first at each step (see ``generate_tokens``)."""
     import contextlib
 
     import torch
 
     name, state = cache_kwarg(model), {"cache": new_cache(model)}
     off = model.disable_adapter if adapter_off else contextlib.nullcontext
+    outer = around or contextlib.nullcontext
 
     def step(ids, mask):
-        with off(), torch.no_grad():
+        with outer(), off(), torch.no_grad():
             out = model(input_ids=ids, attention_mask=mask, use_cache=True, **{name: state["cache"]})
         # the same cache, grown; a model that builds a new one hands it back (field 'cache' since 5.x renamed it)
         returned = next((out[k] for k in ("cache", "past_key_values") if k in out), None)
@@ -349,21 +418,26 @@ def _stepper(model, adapter_off: bool):
     return step
 
 
-def generate_tokens(model, input_ids, eos_ids: set, settings: GenerationSettings,
-                    adapter_off: bool = False) -> Iterator[int]:
+def generate_tokens(model, input_ids, eos_ids: set, settings: GenerationSettings, adapter_off: bool = False,
+                    *, around=None, generator=None) -> Iterator[int]:
     """Yield new token ids one by one: the model's forward with its KV cache,
     transformers' logits processors for penalty/temperature/top-k/top-p.
     ``adapter_off``: answer as the base model of a PeftModel (see ``without_adapter``).
+    ``around``: a context manager factory entered for each forward step (a server
+    takes the model's lock and activates its adapter there). ``generator``: the
+    random source for sampling (a server's requests must not share torch's global one).
 
     Why not ``model.generate`` with a streamer: streaming from ``generate``
-    needs it in a second thread, and on CPU PyTorch runs ~1.6x slower off the
-    main thread (measured: bench/bench_chat.py). This loop yields from the
-    caller's own thread, at plain-generate speed.
+    needs it in a second thread, and on CPU PyTorch ran ~1.6x slower off the
+    main thread (bench/bench_chat.py, an earlier torch). This loop yields from
+    the caller's own thread. (Measured again for the server, torch 2.13 on 2
+    cores: a worker thread runs this loop as fast as the main thread; see
+    ``backend.serve.engine``.)
     """
     import torch
 
     procs = _logits_processors(settings)
-    step = _stepper(model, adapter_off)
+    step = _stepper(model, adapter_off, around)
     seen = input_ids
     logits = step(input_ids, torch.ones_like(input_ids))
     for n in range(settings.max_new_tokens):
@@ -371,7 +445,7 @@ def generate_tokens(model, input_ids, eos_ids: set, settings: GenerationSettings
         if n < settings.min_new_tokens and eos_ids:
             scores[:, list(eos_ids)] = -float("inf")
         if settings.temperature > 0:
-            token = torch.multinomial(torch.softmax(scores, dim=-1), 1)
+            token = torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=generator)
         else:
             token = scores.argmax(dim=-1, keepdim=True)
         tok = int(token)
@@ -382,44 +456,82 @@ def generate_tokens(model, input_ids, eos_ids: set, settings: GenerationSettings
         logits = step(token, torch.ones_like(seen))
 
 
-def stream_reply(chat: ChatModel, history: list[dict], message: str,
-                 settings: GenerationSettings | None = None) -> Iterator[str]:
-    """Yield the reply to ``message`` piece by piece. ``history`` is a list of
-    finished turns ``{"input", "output"}``; the system text goes on the first turn."""
+@dataclass
+class ReplyStats:
+    """What one reply cost and why it ended, filled in as it streams."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0  # every token the model generated, the ones a stop word cut off included
+    finish_reason: str | None = None  # 'stop' (EOS or a stop word), 'length' (max_new_tokens), 'cancelled'
+
+
+def prompt_ids(chat: ChatModel, turns: list[dict]) -> list[int]:
+    """The prompt's token ids for ``turns`` (finished {"input", "output"} turns, then {"input"}), in the
+    training format; ``chat.system`` goes on the first turn unless a turn brings its own."""
+    from .data import generation_prompt
+
+    turns = [dict(t) for t in turns]
+    if chat.system and not any(t.get("system") for t in turns):
+        turns[0] = {**turns[0], "system": chat.system}
+    return list(generation_prompt(turns, chat.tokenizer, chat.template))
+
+
+def eos_ids(tokenizer) -> set[int]:
+    eos = tokenizer.eos_token_id
+    return set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+
+
+def stream_text(chat: ChatModel, ids: list[int], settings: GenerationSettings, *, stop_words=None,
+                stats: ReplyStats | None = None, cancel=None, around=None) -> Iterator[str]:
+    """Yield the continuation of the prompt ``ids`` piece by piece, up to EOS or a stop word (``chat``'s,
+    or ``stop_words``), which never shows. ``stats`` gets the token counts and the finish reason;
+    ``cancel`` (a ``threading.Event``) is checked at every token and ends the reply at once."""
     import torch
 
-    from .data import generation_prompt
     from .models import input_device
 
-    settings = settings or GenerationSettings()
-    turns = [dict(t) for t in history] + [{"input": message}]
-    if chat.system:
-        turns[0] = {**turns[0], "system": chat.system}
-    ids = torch.tensor([generation_prompt(turns, chat.tokenizer, chat.template)], device=input_device(chat.model))
+    stats = stats if stats is not None else ReplyStats()
+    stops = list(chat.stop_words if stop_words is None else stop_words)
+    tensor = torch.tensor([ids], device=input_device(chat.model))
+    generator = None
     if settings.seed is not None:
-        torch.manual_seed(settings.seed)
-    eos = chat.tokenizer.eos_token_id
-    eos_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+        generator = torch.Generator(device=tensor.device).manual_seed(settings.seed)
+    ends = eos_ids(chat.tokenizer)
+    stats.prompt_tokens, stats.completion_tokens, stats.finish_reason = len(ids), 0, "length"
     tokens: list[int] = []
     text, sent = "", 0
-    for tok in generate_tokens(chat.model, ids, eos_ids, settings, chat.adapter_off):
-        if tok in eos_ids:
+    for tok in generate_tokens(chat.model, tensor, ends, settings, chat.adapter_off, around=around,
+                               generator=generator):
+        stats.completion_tokens += 1
+        if cancel is not None and cancel.is_set():
+            stats.finish_reason = "cancelled"
+            return
+        if tok in ends:
+            stats.finish_reason = "stop"
             break
         tokens.append(tok)
         text = chat.tokenizer.decode(tokens, skip_special_tokens=False)
         if text.endswith("\ufffd"):
             continue  # half of a multi-byte character: wait for the rest
-        cut = min((text.find(w) for w in chat.stop_words if w in text), default=-1)
+        cut = min((text.find(w) for w in stops if w in text), default=-1)
         if cut >= 0:
+            stats.finish_reason = "stop"
             if cut > sent:
                 yield text[sent:cut]
             return
-        safe = len(text) - _held_back(text, chat.stop_words)
+        safe = len(text) - _held_back(text, stops)
         if safe > sent:
             yield text[sent:safe]
             sent = safe
     if len(text) > sent:
         yield text[sent:]
+
+
+def stream_reply(chat: ChatModel, history: list[dict], message: str,
+                 settings: GenerationSettings | None = None) -> Iterator[str]:
+    """Yield the reply to ``message`` piece by piece. ``history`` is a list of
+    finished turns ``{"input", "output"}``; the system text goes on the first turn."""
+    yield from stream_text(chat, prompt_ids(chat, [*history, {"input": message}]), settings or GenerationSettings())
 
 
 def reply(chat: ChatModel, history: list[dict], message: str, settings: GenerationSettings | None = None) -> str:

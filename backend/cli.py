@@ -255,6 +255,42 @@ def cmd_estimate_memory(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    """Benchmark a model with lm-eval (``backend.evaluate``); the result is printed and kept with its run."""
+    import contextlib
+
+    from .core.guard import Guard
+    from .evaluate import EvalError, evaluate, format_table
+    from .runs import run_folder
+
+    guard = Guard(args.work_dir, [], args.trust_remote_code, confined=False)
+    try:  # stdout is for the result alone (--json is read by scripts): the libraries' chatter goes to stderr
+        with contextlib.redirect_stdout(sys.stderr):
+            run = None
+            if args.run:
+                run = run_folder(args.run) if "/" in args.run else guard.run(args.run)
+            record, path = evaluate(guard, args.model, args.tasks, run=run, limit=args.limit, backend=args.backend,
+                                    base_url=args.base_url, device=args.device,
+                                    trust_remote_code=args.trust_remote_code, include_paths=args.include_path,
+                                    data=args.data, template=args.prompt_template, batch_size=args.batch_size)
+    except EvalError as exc:
+        print(f"ftstudio eval: error: {exc}", file=sys.stderr)
+        return 2
+    for note in record.get("notes") or []:
+        print(f"ftstudio eval: note: {note}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(record, ensure_ascii=False, indent=2))
+    else:
+        step = record.get("step")
+        how = f"template {record['template']}" if record.get("template") else f"asked at {record.get('base_url')}"
+        print(f"{record['model']}" + ("" if step is None else " (base model)" if step == 0 else f" (step {step})")
+              + f", {how}, {record['seconds']:.0f} s")
+        print(format_table(record))
+    print(f"stored in {path}" if path else "not stored: give --run RUN to keep the result with a run",
+          file=sys.stderr if args.json else sys.stdout)
+    return 0
+
+
 def cmd_runs(args) -> int:
     from .runs import list_runs
 
@@ -341,6 +377,116 @@ def cmd_chat(args) -> int:
         print(answer if args.no_streamer else "", flush=True)
         history.append({"input": message, "output": answer})
     return 0
+
+
+def cmd_share(args) -> int:
+    """Scoped links: the same backend calls as the studio's Share panel."""
+    from .core.guard import Guard
+    from .serve.credentials import CredentialStore, format_time
+    from .serve.embed import create_link, link_url
+
+    store = CredentialStore(args.work_dir)
+    try:
+        if args.share_command == "create":
+            guard = Guard(args.work_dir, args.allow_path)  # what a studio on this work dir may serve
+            cred, token = create_link(guard, store, args.model, expires=args.expires, requests=args.requests,
+                                      label=args.label)
+            limit = f"{cred.request_limit} requests" if cred.request_limit else "no request limit"
+            print(f"link {cred.id} for {cred.model}: expires {format_time(cred.expires)}, {limit}")
+            print(f"  page:    {link_url(args.url, token)}")
+            print(f"  API key: {token}   (OpenAI-compatible API at {args.url.rstrip('/')}/v1, this model only)")
+            print("the token is shown only now; `ftstudio share revoke ID` ends it")
+        elif args.share_command == "list":
+            for c in store.list():
+                uses = f"{c.uses}/{c.request_limit}" if c.request_limit is not None else str(c.uses)
+                print(f"{c.id}  {c.state():<8} uses {uses:<8} expires {format_time(c.expires):<23} "
+                      f"{c.model}" + (f"  ({c.label})" if c.label else ""))
+        else:
+            cred = store.revoke(args.id)
+            print(f"link {cred.id} ({cred.model}) revoked")
+    except ValueError as exc:  # a bad expiry, limit or id, a refused model, a damaged store: one line
+        print(f"ftstudio share {args.share_command}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _whole_in(low: int, high: int):
+    def check(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value} must be from {low} to {high}")
+        return value
+    return check
+
+
+def _named(text: str) -> tuple[str, str]:
+    """NAME=SPEC -> (NAME, SPEC); a SPEC alone is its own name. A local folder given relative to here
+    is read from here (run specs like RUN/hf/X are the work directory's)."""
+    from pathlib import Path
+
+    name, sep, spec = text.partition("=")
+    if not (sep and name and spec and "/" not in name):
+        name, spec = text, text
+    return name, str(Path(spec).resolve()) if Path(spec).is_dir() and not Path(spec).is_absolute() else spec
+
+
+def cmd_serve(args) -> int:
+    """An OpenAI-compatible API (``backend.serve``) for the models until Ctrl-C or SIGTERM."""
+    from .core.guard import Guard
+    from .serve.credentials import Authorizer, CredentialStore, read_api_key
+    from .serve.engine import Scheduler, load_fixed
+    from .serve.openai_api import bind, create_api, is_local_host, serve_forever
+
+    models, adapters = [_named(m) for m in args.models], [_named(a) for a in args.adapter]
+    ids = [name for name, _ in models + adapters]
+    twice = sorted({n for n in ids if ids.count(n) > 1})
+    try:
+        if twice:
+            raise ValueError(f"model id {', '.join(twice)} given twice; name them NAME=SPEC")
+        keys = read_api_key(args.api_key, args.api_key_file)
+    except ValueError as exc:
+        print(f"ftstudio serve: error: {exc}", file=sys.stderr)
+        return 2
+    if not keys and not is_local_host(args.host):
+        print(f"ftstudio serve: error: refusing to listen on {args.host} without a key: anyone who can reach "
+              "it could use the models. Give --api-key KEY or --api-key-file FILE, or --host 127.0.0.1",
+              file=sys.stderr)
+        return 2
+    guard = Guard(args.work_dir, [], args.trust_remote_code, confined=False)
+    if args.engine == "vllm":
+        return _serve_vllm(args, models, adapters, keys, guard)
+    served = load_fixed(models, adapters, guard=guard, template=args.prompt_template, system=args.system,
+                        device=args.device, trust_remote_code=args.trust_remote_code)
+    scheduler = Scheduler(args.parallel, args.max_queue)
+    auth = Authorizer(CredentialStore(args.work_dir), keys, open_access=not keys)
+    sock = bind(args.host, args.port)
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    access = "API key required" if keys else "no key needed: this machine only"
+    ready = f"serving {', '.join(ids)} at http://{host}:{sock.getsockname()[1]}/v1 ({access}); Ctrl-C stops"
+    serve_forever(create_api(served, auth, scheduler), sock, scheduler, ready)
+    return 0
+
+
+def _serve_vllm(args, models, adapters, keys, guard) -> int:
+    import shlex
+    import tempfile
+
+    from .serve.engine import vllm_sources
+    from .serve.vllm import run_vllm, vllm_serve_command
+
+    if args.system is not None:
+        print("ftstudio serve: note: vLLM has no default system text; --system is ignored (clients send a "
+              "system message)", file=sys.stderr)
+    with tempfile.TemporaryDirectory(prefix="ftstudio-vllm-") as tmp:
+        base, loras, name, template = vllm_sources(models, adapters, guard, prompt_template=args.prompt_template,
+                                                   out_dir=tmp)
+        cmd = vllm_serve_command(base, loras, host=args.host, port=args.port, served_name=name,
+                                 chat_template=template)
+        print(f"starting {shlex.join(cmd)}", flush=True)
+        return run_vllm(cmd, keys)
 
 
 TRUST_HELP = "let the model's own code (from its folder or the Hub) run: only for models you trust"
@@ -444,12 +590,83 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--deepspeed", choices=DEEPSPEED_NAMES, default=None)
     p.set_defaults(func=cmd_estimate_memory)
 
+    p = sub.add_parser("eval", help="benchmark a model with EleutherAI's lm-eval (local tasks: ftstudio_qa, "
+                                    "ftstudio_qa_mc); results go to the run folder",
+                       description="Run lm-eval tasks on a model, in its training prompt format. The shipped "
+                                   "tasks ask the questions of a local file (--data; default: the demo's).")
+    p.add_argument("model", help="demo, RUN/iter_N.pth, RUN/hf/X, RUN/merged/X (in --work-dir), a folder or a Hub "
+                                 "id; with --backend openai: the model id the server serves")
+    p.add_argument("--tasks", required=True, metavar="T[,T...]", help="lm-eval task names, comma separated")
+    p.add_argument("--limit", type=positive_int, default=None, help="at most N questions per task")
+    p.add_argument("--run", default=None, help="keep the result with this run (a name in --work-dir or a run "
+                                               "folder); a checkpoint's own run by default")
+    p.add_argument("--work-dir", default="work_dirs", help="where RUN names live")
+    p.add_argument("--data", default=None, metavar="FILE",
+                   help="question file of the ftstudio_qa tasks: JSON lines of question/answer, input/output "
+                        "or chat messages")
+    p.add_argument("--include-path", action="append", default=[], metavar="DIR",
+                   help="a folder of your own lm-eval task YAML files (repeatable)")
+    p.add_argument("--backend", choices=["hf", "openai"], default="hf",
+                   help="hf: load the model here; openai: ask an OpenAI-compatible server (ftstudio serve, "
+                        "the studio's /v1, vLLM; key from OPENAI_API_KEY)")
+    p.add_argument("--base-url", default=None, help="the server's address for --backend openai, e.g. "
+                                                    "http://127.0.0.1:8000/v1")
+    p.add_argument("--prompt-template", default=None, help="default: what the model recorded")
+    p.add_argument("--batch-size", type=positive_int, default=1)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
+    p.add_argument("--json", action="store_true", help="print the stored record as JSON")
+    p.set_defaults(func=cmd_eval)
+
     p = sub.add_parser("runs", help="list runs and their state")
     p.add_argument("--work-dir", default="work_dirs")
     p.set_defaults(func=cmd_runs)
     p = sub.add_parser("abort", help="stop a running run gracefully (keeps its last checkpoint)")
     p.add_argument("run_dir")
     p.set_defaults(func=cmd_abort)
+    p = sub.add_parser("share", help="scoped links: chat with one model (the studio's /embed page and /v1 API)")
+    share = p.add_subparsers(dest="share_command", metavar="create|list|revoke", required=True)
+    q = share.add_parser("create", help="a new link for one model (shown once)")
+    q.add_argument("model", help="a model spec as the Chat tab takes it: demo, RUN/iter_N.pth, RUN/hf/X, a folder")
+    q.add_argument("--expires", default=None, help="e.g. 30m, 1h, 7d (default: never)")
+    q.add_argument("--requests", type=positive_int, default=None, help="at most this many requests (default: no limit)")
+    q.add_argument("--label", default="", help="who or what the link is for")
+    q.add_argument("--url", default="http://127.0.0.1:7860", help="the studio's address, for the printed link")
+    q.add_argument("--allow-path", action="append", default=[], metavar="DIR",
+                   help="a folder the studio was started with --allow-path (models outside the work dir)")
+    q = share.add_parser("list", help="every link, its use count and state")
+    q = share.add_parser("revoke", help="end a link now")
+    q.add_argument("id")
+    for q in share.choices.values():
+        q.add_argument("--work-dir", default="work_dirs")
+    p.set_defaults(func=cmd_share)
+    p = sub.add_parser("serve", help="an OpenAI-compatible API (/v1) for models, checkpoints and adapters",
+                       description="Serve models over an OpenAI-compatible HTTP API (GET /v1/models, POST "
+                                   "/v1/chat/completions, /v1/completions), in the template, system text and "
+                                   "stop words each was trained with.")
+    p.add_argument("models", nargs="+", metavar="MODEL",
+                   help="[NAME=]SPEC: demo, RUN/iter_N.pth, RUN/hf/X, RUN/merged/X (in --work-dir), a folder or "
+                        "a Hub id; clients send NAME (default: SPEC) as the model")
+    p.add_argument("--adapter", action="append", default=[], metavar="[NAME=]PATH",
+                   help="a LoRA adapter on the first MODEL's base, served as NAME (default: PATH); repeatable. "
+                        "Adapters on one base share one copy of it")
+    p.add_argument("--work-dir", default="work_dirs", help="where RUN specs and share links live")
+    p.add_argument("--host", default="127.0.0.1", help="any other address than this machine's needs a key")
+    p.add_argument("--port", type=_whole_in(0, 65535), default=8000,
+                   help="0: a free port (the printed URL says which)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--api-key", default=None, help="the key clients send (Authorization: Bearer KEY)")
+    g.add_argument("--api-key-file", default=None, help="a file of keys, one a line")
+    p.add_argument("--prompt-template", default=None, help="default: what each model recorded")
+    p.add_argument("--system", default=None, help="default system text (default: what each model recorded)")
+    p.add_argument("--max-queue", type=_whole_in(0, 1 << 20), default=16,
+                   help="requests that may wait; past it: HTTP 429")
+    p.add_argument("--parallel", type=positive_int, default=1, help="generations at once")
+    p.add_argument("--engine", choices=["transformers", "vllm"], default="transformers",
+                   help="vllm: start `vllm serve` with the base and its adapters (a GPU box with vllm installed)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
+    p.set_defaults(func=cmd_serve)
     return parser
 
 

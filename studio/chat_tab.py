@@ -14,15 +14,11 @@ from pathlib import Path
 import gradio as gr
 
 from backend.chat import ChatModel, GenerationSettings, stream_reply
-from backend.config import load_config
-from backend.core.artifacts import (
-    CONVERTED_SUBDIR, MERGED_SUBDIR, exported_folders, iter_step, model_source, read_meta, recorded_base,
-)
-from backend.core.rundir import RunDir
+from backend.core.artifacts import model_source, recorded_base
 from backend.data import TEMPLATES
-from backend.export import ensure_hf
 from backend.models import placed_on
-from backend.runs import active_runs, list_runs
+from backend.runs import active_runs
+from backend.serve import catalog
 
 from .context import USER_ERRORS, StudioContext, StudioError, bind, error_md
 from .export_tab import GPU
@@ -33,55 +29,23 @@ RECORDED = "(as trained)"
 
 def model_choices(ctx: StudioContext) -> list[str]:
     """'demo', every run checkpoint (run/iter_N.pth) and every exported folder (run/hf/x, run/merged/x)."""
-    out = ["demo"]
-    for r in list_runs(ctx.work_dir):
-        run = RunDir(r["run_dir"])
-        out += [str(p.relative_to(ctx.work_dir)) for p in exported_folders(run.path)]
-        out += [f"{run.name}/{p.name}" for _, p in reversed(run.iters())]
-    return out
+    return catalog.model_choices(ctx.work_dir)
 
 
 def _run_item(ctx: StudioContext, choice: str):
     """(run, checkpoint or exported folder) for a run/iter_N.pth or run/{hf,merged}/x choice; None otherwise."""
-    parts = Path(choice).parts
-    if len(parts) == 2 and iter_step(parts[1]) is not None:
-        run = ctx.guard.run(parts[0])
-        return run, ctx.guard.checkpoint(run, parts[1])
-    if len(parts) == 3 and parts[1] in (CONVERTED_SUBDIR, MERGED_SUBDIR) and not Path(choice).is_absolute():
-        run = ctx.guard.run(parts[0])
-        folder = run.path / parts[1] / parts[2]
-        if folder not in exported_folders(run.path):
-            raise StudioError(f"model {choice}: run {run.name} has no such export")
-        return run, folder
-    return None
+    return catalog.run_item(ctx.guard, choice)
 
 
 def resolve(ctx: StudioContext, choice: str) -> str:
-    """A choice -> a model folder, 'demo' or a Hub id (a checkpoint is converted once, on first use).
-    Whatever the caller sends passes the guard: runs and exports must be ours, anything else the path policy."""
-    if not choice or not str(choice).strip():
-        raise StudioError("pick a model")
-    item = _run_item(ctx, str(choice).strip())
-    if item is None:
-        return ctx.guard.model(str(choice).strip(), "model")
-    _, path = item
-    return str(ensure_hf(path, guard=ctx.guard, log=lambda *_: None)) if iter_step(path) is not None else str(path)
+    """A choice -> a model folder, 'demo' or a Hub id (``catalog.resolve``: checkpoints convert once)."""
+    return catalog.resolve(ctx.guard, choice)
 
 
 def recorded(ctx: StudioContext, choice: str) -> tuple[str | None, str]:
-    """(template, system) a model was trained with, read without loading it."""
+    """(template, system) a model was trained with, read without loading it; (None, '') when unknown."""
     try:
-        item = _run_item(ctx, str(choice or "").strip())
-        if item is None:
-            folder = ctx.guard.model(choice, "model")
-            meta = read_meta(folder) if folder and Path(folder).is_dir() else {}
-            return meta.get("template"), meta.get("system", "")
-        run, path = item
-        if iter_step(path) is not None:
-            cfg = load_config(run.config_file)
-            return cfg.data.template, cfg.evaluation.system
-        meta = read_meta(path)
-        return meta.get("template"), meta.get("system", "")
+        return catalog.recorded(ctx.guard, choice)
     except USER_ERRORS:
         return None, ""
 
@@ -251,4 +215,6 @@ def build(ctx: StudioContext):
     side.change(lambda v: gr.update(visible=v), side, base_box)
     model.input(bind(on_model, ctx), model, [template, system])
     refresh.click(bind(on_refresh, ctx), model, model)
+    from . import share_panel  # scoped links to the model picked here
+    share_panel.build(ctx, model)
     return model
