@@ -1,8 +1,10 @@
 """The studio: five tabs (Dataset, Train, Runs, Export, Chat) over the backend,
-and the server that serves them.
+and the server that serves them, with the OpenAI-compatible API at ``/v1`` and
+the share links' chat page at ``/embed`` (``studio/serving.py``).
 
     python app.py [--host 127.0.0.1] [--port 7860] [--share] [--auth USER:PASS | --auth-file F]
                   [--work-dir DIR] [--allow-path DIR ...] [--allow-custom-code]
+                  [--api-key KEY | --api-key-file F]
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ from pathlib import Path
 import gradio as gr
 
 from backend.core.rundir import CONFIGS
+from backend.serve.credentials import read_api_key
 
-from . import chat_tab, dataset_tab, export_tab, runs_tab, train_tab
+from . import chat_tab, dataset_tab, export_tab, runs_tab, serving, train_tab
 from .context import StudioContext
 
 CSS = """
@@ -127,6 +130,10 @@ def parse_args(argv=None):
                    help="also let users read datasets and models from DIR (repeatable)")
     p.add_argument("--allow-custom-code", action="store_true",
                    help="allow custom map_fn files and trust_remote_code models (they run on this server)")
+    keys = p.add_mutually_exclusive_group()
+    keys.add_argument("--api-key", metavar="KEY", help="a key for /v1 (every model); without one, /v1 is open only "
+                      "to this machine when the studio has no login, else it takes share-link tokens only")
+    keys.add_argument("--api-key-file", metavar="FILE", help="keys for /v1, one a line")
     return p.parse_args(argv)
 
 
@@ -140,6 +147,11 @@ def main(argv=None) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1") and not auth:
         print(f"app.py: warning: listening on {args.host} without --auth: anyone who can reach this port "
               "can train and run code on this machine", file=sys.stderr)
+    try:
+        api_keys = read_api_key(args.api_key, args.api_key_file)
+    except ValueError as exc:
+        print(f"app.py: error: {exc}", file=sys.stderr)
+        return 2
     from backend.demo import demo_model_dir
 
     print("preparing the demo model (built once, on first start)…", flush=True)
@@ -150,8 +162,19 @@ def main(argv=None) -> int:
     app = build_app(ctx)
     app.queue(default_concurrency_limit=1)
     calm_queue(app)
+    open_api = serving.open_access(args.host, auth)
+    print(f"OpenAI-compatible API at /v1: {api_access(open_api, api_keys)}", flush=True)
+    # ahead of Gradio's routes and outside its login: they check bearer tokens themselves
+    mounts = serving.routes(ctx, api_keys, open_api)
     app.launch(server_name=args.host, server_port=args.port, share=args.share, auth=auth,
                auth_message="Finetune Studio: log in" if auth else None, theme=gr.themes.Soft(), css=CSS,
                allowed_paths=[str(ctx.work_dir / CONFIGS)], max_file_size="2gb", footer_links=["api"],
-               ssr_mode=False)
+               ssr_mode=False, app_kwargs={"routes": mounts})
     return 0
+
+
+def api_access(open_api: bool, api_keys: list[str]) -> str:
+    if open_api:
+        return "open to this machine (no studio login); share-link tokens keep their scope"
+    keys = f"{len(api_keys)} API key{'s' if len(api_keys) != 1 else ''} (every model)" if api_keys else "no API key"
+    return f"needs a key: {keys}, or a share link's token (its one model)"

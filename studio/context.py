@@ -1,12 +1,13 @@
 """What every tab of one studio shares: the work directory, the guard that
 holds what the operator allowed (``backend.core.guard``: paths, custom code,
-runs, uploads, signals), the background runs it started, and the loaded chat
-models. No policy is decided here: every handler asks the guard."""
+runs, uploads, signals), the background runs it started, the loaded chat
+models and the work directory's share links (``backend.serve.credentials``).
+No policy is decided here: every handler asks the guard."""
 
 from __future__ import annotations
 
 import subprocess
-from functools import partial
+from functools import cached_property, partial
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from backend.core.guard import Guard, GuardError
 from backend.core.rundir import RunFolderError
 from backend.data import DataError
 from backend.launch import LaunchError
+from backend.serve.credentials import CredentialStore
 
 
 class StudioError(ValueError):
@@ -47,6 +49,11 @@ class StudioContext:
         self.work_dir = self.guard.work_dir
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self.allowed_paths = self.guard.allowed_paths
+
+    @cached_property
+    def credentials(self) -> CredentialStore:
+        """The share links of this work directory (the same file ``ftstudio share`` and ``serve`` read)."""
+        return CredentialStore(self.work_dir)
 
     def reap(self) -> None:
         """Collect finished background launchers (no zombies in a long-lived studio)."""
