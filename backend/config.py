@@ -20,6 +20,8 @@ from typing import get_args, get_origin, get_type_hints
 import yaml
 
 RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
+TRACKERS = ("tensorboard", "mlflow", "wandb", "trackio")  # training.report_to: Trainer's own integrations
+EVAL_SOURCES = ("data.eval_path", "data.eval_split", "data.eval_fraction")
 
 
 class ConfigError(ValueError):
@@ -62,6 +64,16 @@ class DataConfig:
     pack: bool = _f(True, "pack samples into max_length blocks (padding-free, samples isolated)")
     num_proc: int | None = _f(None, "processes for the data map", minimum=1)
     max_rows: int | None = _f(None, "use only the first N rows (quick trials)", minimum=1)
+    # evaluation data: at most one of eval_path, eval_split, eval_fraction (EVAL_SOURCES)
+    eval_path: str | None = _f(None, "evaluation data: another dataset (Hub id, local file or folder), with the same "
+                                     "template and, unless data.eval_map_fn says otherwise, the same map_fn")
+    eval_path_name: str | None = _f(None, "dataset configuration name of data.eval_path (Hub datasets)")
+    eval_path_split: str = _f("train", "split of data.eval_path ('train' is the one split of a single file)")
+    eval_map_fn: str | None = _f(None, "map_fn of data.eval_path; empty = data.map_fn")
+    eval_split: str | None = _f(None, "evaluation data: a named split of data.path (e.g. test or validation)")
+    eval_fraction: float = _f(0.0, "evaluation data: hold out this fraction of data.path's rows (chosen with "
+                                   "training.seed), never trained on; 0 = none", minimum=0.0)
+    eval_max_rows: int | None = _f(None, "evaluate on the first N evaluation rows only", minimum=1)
 
 
 @dataclass
@@ -102,6 +114,8 @@ class TrainingConfig:
     seed: int = _f(0, "seed for data order, init of LoRA weights and dropout")
     logging_steps: int = _f(1, "write a metrics line every N steps", minimum=1)
     dataloader_workers: int = _f(0, "dataloader worker processes", minimum=0)
+    report_to: list | str = _f([], "experiment trackers that log the run too, into the run folder's trackers/ "
+                                   f"(offline): a list of any of {', '.join(TRACKERS)}")
 
 
 @dataclass
@@ -112,10 +126,17 @@ class SavingConfig:
 
 @dataclass
 class EvaluationConfig:
-    inputs: list = _f([], "prompts answered every `every` steps into samples.jsonl")
-    every: int = _f(500, "answer the evaluation inputs every N steps", minimum=1)
+    inputs: list = _f([], "prompts answered at step 0, at every save and every `every` steps into samples.jsonl")
+    every: int = _f(500, "also answer the evaluation inputs every N steps", minimum=1)
     system: str = _f("", "system text for the evaluation prompts")
     max_new_tokens: int = _f(64, "longest evaluation answer", minimum=1)
+    # 0 follows the saves: an eval loss for every checkpoint there is to compare, at no extra schedule to tune
+    eval_steps: int = _f(0, "eval loss every N steps (with eval data); 0 = at every save; also at step 0 and at "
+                            "the end", minimum=0)
+    batch_size: int | None = _f(None, "samples (or packed blocks) per device in an eval-loss batch; "
+                                      "empty = training.micro_batch_size", minimum=1)
+    heldout_samples: int = _f(0, "also answer the first N rows of the eval data with the prompts, next to their "
+                                 "reference answers", minimum=0)
 
 
 @dataclass
@@ -265,6 +286,52 @@ def validate(cfg: Config) -> None:
         raise ConfigError("training.epochs is 0 and training.max_steps is not set: nothing to train")
     if isinstance(cfg.lora.target_modules, str) and cfg.lora.target_modules != "all-linear":
         cfg.lora.target_modules = [m.strip() for m in cfg.lora.target_modules.split(",") if m.strip()]
+    validate_evaluation(cfg)
+    if isinstance(cfg.training.report_to, str):  # report_to=tensorboard,mlflow on the command line
+        cfg.training.report_to = [n.strip() for n in cfg.training.report_to.split(",") if n.strip()]
+    validate_report_to(cfg.training.report_to)
+
+
+def eval_source(cfg: Config) -> str | None:
+    """Which evaluation data the config asks for (one of EVAL_SOURCES), or None."""
+    d = cfg.data
+    given = [key for key, on in zip(EVAL_SOURCES, (d.eval_path, d.eval_split, d.eval_fraction)) if on]
+    if len(given) > 1:
+        both = f"{', '.join(given[:-1])} and {given[-1]} are {'both' if len(given) == 2 else 'all'} set"
+        raise ConfigError(f"{both}; the evaluation data comes from one of them only")
+    return given[0] if given else None
+
+
+def validate_evaluation(cfg: Config) -> None:
+    d, ev = cfg.data, cfg.evaluation
+    source = eval_source(cfg)
+    if not d.eval_fraction < 1:
+        raise ConfigError(f"data.eval_fraction is {d.eval_fraction}; it is the fraction of the rows held out, "
+                          "at least 0 and below 1 (e.g. 0.1)")
+    if d.eval_map_fn and source != "data.eval_path":
+        raise ConfigError("data.eval_map_fn is the map_fn of data.eval_path, which is not set")
+    if source == "data.eval_split" and d.eval_split == d.split:
+        raise ConfigError(f"data.eval_split is {d.eval_split!r}, the split trained on (data.split); give another "
+                          "split, or hold out rows of it with data.eval_fraction")
+    if source == "data.eval_path" and (d.eval_path, d.eval_path_name, d.eval_path_split) == (d.path, d.name, d.split):
+        raise ConfigError(f"data.eval_path is data.path with the same split ({d.split!r}): the rows trained on; "
+                          "give another split (data.eval_path_split) or hold out rows with data.eval_fraction")
+    if source is None:
+        for key, value in (("evaluation.eval_steps", ev.eval_steps),
+                           ("evaluation.heldout_samples", ev.heldout_samples)):
+            if value:
+                raise ConfigError(f"{key} is {value}, but there is no evaluation data: "
+                                  f"set one of {', '.join(EVAL_SOURCES)}")
+
+
+def validate_report_to(names: list) -> None:
+    for name in names:
+        if name not in TRACKERS:
+            close = difflib.get_close_matches(str(name), TRACKERS, n=1)
+            raise ConfigError(f"training.report_to: unknown tracker {name!r}"
+                              f"{' (did you mean ' + close[0] + '?)' if close else ''}; allowed: {', '.join(TRACKERS)}")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"training.report_to lists a tracker twice: {names!r}")
 
 
 # --- recipes ---------------------------------------------------------------------------
@@ -339,6 +406,8 @@ GUARDED_FIELDS = {
     "data.path": lambda g, v: g.readable(v, "data.path"),
     "data.data_files": lambda g, v: g.data_files(v),
     "data.map_fn": lambda g, v: g.map_fn(v),
+    "data.eval_path": lambda g, v: g.readable(v, "data.eval_path"),
+    "data.eval_map_fn": lambda g, v: g.map_fn(v),
 }
 
 

@@ -213,9 +213,15 @@ def preflight(cfg: Config, spec: LaunchSpec, deepspeed: Path | None, build_data:
             raise LaunchError(f"PORT={spec.port} is already in use on this machine; pick a free one")
     if not build_data:
         return None
-    from .train.data import training_data, training_tokenizer
+    if cfg.training.report_to:  # rank 0, the one that reports, runs where the data is built
+        from .train.trackers import check_installed
 
-    _, report = training_data(cfg, training_tokenizer(cfg), pack=False)
+        check_installed(cfg.training.report_to)
+    from .train.data import eval_data, training_data, training_tokenizer
+
+    tokenizer = training_tokenizer(cfg)
+    _, report = training_data(cfg, tokenizer, pack=False)
+    eval_data(cfg, tokenizer, pack=False)  # its errors now, not in the ranks; and the datasets cache is filled
     return report
 
 

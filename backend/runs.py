@@ -1,5 +1,5 @@
 """Run control, for the CLI and the studio alike: which runs there are, how
-they stand, and abort. Everything is read from the run folders
+they stand, where their trackers put them, and abort. Everything is read from the run folders
 (``backend.core.rundir``); signals pass the guard (``backend.core.guard``).
 
 Abort = save + stop. It writes the run folder's stop request, which rank 0
@@ -55,6 +55,19 @@ def abort(run: RunDir, guard: Guard | None = None, by: str = "") -> tuple[bool, 
         guard.signal_launcher(run)
         return True, f"stopped {run.name} before training began"
     return True, f"asked {run.name} to save a checkpoint at the next step and stop"
+
+
+def tracker_locations(run: RunDir) -> list[dict]:
+    """Where each tracker of the run's ``training.report_to`` put it, and how to open it:
+    ``[{"tracker", "where", "how"}]`` (empty for a run without trackers or without a readable config)."""
+    from .config import ConfigError, load_config
+    from .train.trackers import locations
+
+    try:
+        cfg = load_config(run.config_file)
+    except (ConfigError, OSError):
+        return []
+    return locations(run, cfg.training.report_to, project=cfg.name)
 
 
 def scancel_command(job_id: str) -> list[str]:

@@ -127,6 +127,27 @@ def map_row(map_fn, map_name: str, row: dict, row_index: int) -> list[dict]:
         raise DataError(f"row {row_index}: map_fn {map_name} failed: {type(exc).__name__}: {exc}") from None
 
 
+def hold_out(ds: datasets.Dataset, fraction: float, seed: int = 0) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """(rows to train on, rows held out): a seeded random ``fraction`` of the
+    rows, at least one, chosen before any encoding or packing, so no held-out
+    row can reach a training batch. Both keep the rows' original order; the
+    same rows, seed and fraction always give the same split."""
+    n = len(ds)
+    if n < 2:
+        raise DataError(f"data.eval_fraction needs at least 2 rows to hold some out; the data has {n}")
+    k = min(max(int(round(n * fraction)), 1), n - 1)
+    held = np.sort(np.random.default_rng(seed).permutation(n)[:k])
+    keep = np.setdiff1d(np.arange(n), held)
+    return ds.select(keep), ds.select(held)
+
+
+def conversations(ds: datasets.Dataset, map_fn, n: int) -> list[list[dict]]:
+    """The first ``n`` rows of ``ds`` through ``map_fn``: their conversations
+    (what the held-out samples prompt with, and answer against)."""
+    fn, name = get_map_fn(map_fn), map_fn_name(map_fn)
+    return [map_row(fn, name, row, i) for i, row in enumerate(ds.select(range(min(n, len(ds)))).to_list())]
+
+
 def _encode_rows(batch, indices, *, map_fn, map_name, template, tokenizer, max_length):
     columns = list(batch)
     conversations = [map_row(map_fn, map_name, {c: batch[c][j] for c in columns}, row_index)

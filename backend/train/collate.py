@@ -49,6 +49,8 @@ class PackedCollator:
                 "labels": torch.tensor([labels]),
                 "position_ids": torch.tensor([pos]),
                 "num_tokens": torch.tensor(len(ids)),
+                # where each block ends in the flat row (the eval loss is summed per block)
+                "item_lens": torch.tensor([len(f["input_ids"]) for f in features]),
             }
         length = max(len(f["input_ids"]) for f in features)
         allowed = torch.zeros((len(features), 1, length, length), dtype=torch.bool)

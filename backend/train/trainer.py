@@ -4,9 +4,11 @@ callbacks that fill the run directory.
 What is ours rather than the libraries': the packed-batch collator (exact
 sample isolation), the loss that runs the LM head only where a label is
 trained (peers compute logits for every prompt token and throw them away),
-rank-0 metrics.jsonl / samples.jsonl, ``iter_<N>.pth`` files that carry their
-config, template and base model, a completion mark on Trainer checkpoints,
-and a graceful abort that stops every rank at the same step.
+an eval loss weighted by token (``evaluation.py``), rank-0 metrics.jsonl /
+samples.jsonl, trackers pointed at the run folder (``trackers.py``),
+``iter_<N>.pth`` files that carry their config, template and base model, a
+completion mark on Trainer checkpoints, and a graceful abort that stops every
+rank at the same step.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArgu
 from ..config import Config, ConfigError, from_dict
 from ..core.artifacts import iter_name, save_iter
 from ..core.rundir import RunDir, checkpoint_step
-from .collate import IGNORE_INDEX, PackedCollator, PaddedCollator
+from .collate import PackedCollator, PaddedCollator
+from .evaluation import answer_prompts, labeled_logits, sample_prompts, token_weighted_loss
 
 
 # --- environment -----------------------------------------------------------------------
@@ -32,15 +35,16 @@ def dist_ready() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
-def all_reduce(value: float, op="sum") -> float:
+def all_reduce(values: list[float], op="sum") -> list[float]:
+    """Each value summed (or maxed) over the ranks, in one collective."""
     if not dist_ready():
-        return value
-    t = torch.tensor([float(value)], dtype=torch.float64)
+        return [float(v) for v in values]
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64)
     backend = torch.distributed.get_backend()
     if backend == "nccl":
         t = t.cuda()
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX if op == "max" else torch.distributed.ReduceOp.SUM)
-    return float(t.item())
+    return t.tolist()
 
 
 def cpu_has_bf16() -> bool:
@@ -206,12 +210,13 @@ def trainable_state_dict(model) -> dict:
 
 
 class StudioTrainer(Trainer):
-    """Trainer with the labeled-only loss and a count of real (non-padding) tokens."""
+    """Trainer with the labeled-only loss, a count of real (non-padding) tokens,
+    and a token-weighted eval loss (``evaluation.py`` says why Trainer's is not)."""
 
     def __init__(self, *args, labeled_only: bool = True, **kwargs):
         super().__init__(*args, **kwargs)
         self.labeled_only = labeled_only
-        self.tokens_since_log = 0
+        self.tokens_since_step = 0  # this rank's trained-input tokens since the last optimizer step
         self._select = None
         if labeled_only:
             head = self.accelerator.unwrap_model(self.model).get_output_embeddings()
@@ -224,19 +229,11 @@ class StudioTrainer(Trainer):
         return (hidden[self._select],) + tuple(args[1:])
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        self.tokens_since_log += int(inputs.pop("num_tokens"))
+        self.tokens_since_step += int(inputs.pop("num_tokens"))
+        inputs.pop("item_lens", None)
         if not self.labeled_only or return_outputs:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        labels = inputs.pop("labels")
-        # position t predicts label t+1: keep the positions whose next label is trained
-        select = torch.zeros_like(labels, dtype=torch.bool)
-        select[:, :-1] = labels[:, 1:] != IGNORE_INDEX
-        targets = labels[:, 1:][select[:, :-1]]
-        self._select = select
-        try:
-            logits = model(**inputs, use_cache=False).logits
-        finally:
-            self._select = None
+        logits, targets, _ = labeled_logits(self, model, inputs)
         loss = F.cross_entropy(logits.float(), targets, reduction="sum")
         if num_items_in_batch is not None:
             loss = loss / num_items_in_batch
@@ -246,33 +243,58 @@ class StudioTrainer(Trainer):
             loss = loss / max(targets.numel(), 1)
         return loss
 
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix="eval"):
+        """Trainer's evaluate() (schedule, speed metrics, logging, callbacks) around our own
+        loss: summed over every labeled token of the eval set, divided once by their count."""
+        from transformers.trainer_utils import EvalLoopOutput
+
+        loss, tokens, items = token_weighted_loss(self, dataloader)
+        metrics = {f"{metric_key_prefix}_loss": loss, f"{metric_key_prefix}_tokens": tokens}
+        return EvalLoopOutput(predictions=None, label_ids=None, metrics=metrics, num_samples=items)
+
+    def log(self, logs: dict, start_time=None):
+        if "loss" in logs:  # a training log: the trackers get the token count too
+            logs["tokens_seen"] = self.state.num_input_tokens_seen
+        super().log(logs, start_time)
+
 
 # --- callbacks -------------------------------------------------------------------------
 
 
 class RunDirCallback(TrainerCallback):
-    """metrics.jsonl, samples.jsonl, iter_<N>.pth, checkpoint marks and abort."""
+    """metrics.jsonl (training and eval rows), samples.jsonl, iter_<N>.pth,
+    checkpoint marks and abort."""
 
-    def __init__(self, run: RunDir, cfg: Config, meta: dict, tokenizer, abort_flag, trainer_ref):
+    def __init__(self, run: RunDir, cfg: Config, meta: dict, tokenizer, abort_flag, trainer_ref,
+                 heldout: list | None = None):
         self.run = run
         self.cfg = cfg
         self.meta = meta
         self.tokenizer = tokenizer
         self.abort_flag = abort_flag
         self.trainer_ref = trainer_ref
+        self.prompts = sample_prompts(cfg, heldout or [])
         self.start = time.time()
         self.last_log = time.time()
+        self.paused_s = 0.0  # time since the last log spent evaluating, not training
+        self.tokens_since_log = 0.0
         self.aborted = False
         self.rank0 = int(os.environ.get("RANK", "0")) == 0
 
     # metrics
     def on_log(self, args, state, control, logs=None, **kw):
-        trainer = self.trainer_ref()
-        tokens = all_reduce(trainer.tokens_since_log)
-        trainer.tokens_since_log = 0
+        if not logs:
+            return
+        if "eval_loss" in logs:
+            self.paused_s += logs.get("eval_runtime") or 0.0
+            return self._eval_row(state, logs) if state.is_world_process_zero else None
+        if "loss" not in logs:
+            return
         now = time.time()
-        span, self.last_log = now - self.last_log, now
-        if not logs or "loss" not in logs or not state.is_world_process_zero:
+        span, self.last_log = now - self.last_log - self.paused_s, now
+        tokens, self.tokens_since_log, self.paused_s = self.tokens_since_log, 0.0, 0.0
+        if not state.is_world_process_zero:
             return
         row = {
             "step": state.global_step,
@@ -282,6 +304,7 @@ class RunDirCallback(TrainerCallback):
             "lr": logs.get("learning_rate"),
             "grad_norm": logs.get("grad_norm"),
             "tokens_per_s": round(tokens / span, 1) if span > 0 else None,
+            "tokens_seen": state.num_input_tokens_seen,
             "elapsed_s": round(now - self.start, 3),
         }
         self.run.append_metric(row)
@@ -289,26 +312,41 @@ class RunDirCallback(TrainerCallback):
               f"grad_norm {row['grad_norm'] if row['grad_norm'] is None else round(row['grad_norm'], 4)}  "
               f"{row['tokens_per_s']} tok/s", flush=True)
 
-    # evaluation samples
+    def _eval_row(self, state, logs):
+        row = {"step": state.global_step, "eval_loss": logs["eval_loss"], "eval_tokens": logs.get("eval_tokens"),
+               "tokens_seen": state.num_input_tokens_seen, "elapsed_s": round(time.time() - self.start, 3)}
+        self.run.append_metric(row)
+        print(f"eval at step {row['step']}: eval_loss {row['eval_loss']:.4f} over {row['eval_tokens']} tokens "
+              f"({logs.get('eval_runtime')} s)", flush=True)
+
+    # evaluation samples: at step 0, every `evaluation.every` steps and at every save
     def on_train_begin(self, args, state, control, model=None, **kw):
-        if state.global_step == 0 and self.cfg.evaluation.inputs:
+        if state.global_step == 0 and self.prompts:
             self._answer(model, state.global_step)
 
     def on_step_end(self, args, state, control, model=None, **kw):
-        if self.cfg.evaluation.inputs and state.global_step % self.cfg.evaluation.every == 0:
-            self._answer(model, state.global_step)
-        if all_reduce(1.0 if self.abort_flag.requested else 0.0, op="max") > 0:
+        trainer = self.trainer_ref()
+        # one collective per step: did any rank ask to abort, and the tokens all ranks trained on
+        abort, tokens = all_reduce([1.0 if self.abort_flag.requested else 0.0, trainer.tokens_since_step])
+        trainer.tokens_since_step = 0
+        state.num_input_tokens_seen += int(tokens)  # kept in the checkpoint's trainer state: a resume goes on counting
+        self.tokens_since_log += tokens
+        if abort > 0:
             # abort = save + stop: every rank took this decision at this same step
             print(f"[rank {os.environ.get('RANK', '0')}] abort: saving at step {state.global_step}, then stopping",
                   flush=True)
             self.aborted = True
             control.should_training_stop = True
             control.should_save = True
+            control.should_evaluate = False  # stop promptly
+        elif self.prompts and state.global_step % self.cfg.evaluation.every == 0 and not control.should_save:
+            self._answer(model, state.global_step)  # a save step is answered in on_save, after the checkpoint
         return control
 
     def _answer(self, model, step: int):
-        """Answer the evaluation inputs; a failure here is logged, never fatal
+        """Answer the evaluation prompts; a failure here is logged, never fatal
         (the samples are a window on training, not part of it)."""
+        began = time.time()
         try:
             self._generate_samples(model, step)
         except Exception as exc:  # noqa: BLE001
@@ -316,35 +354,21 @@ class RunDirCallback(TrainerCallback):
                   f"{type(exc).__name__}: {exc}", flush=True)
             trainer = self.trainer_ref()
             (trainer.accelerator.unwrap_model(trainer.model) if model is None else model).train()
+        self.paused_s += time.time() - began
 
     def _generate_samples(self, model, step: int):
         from transformers.integrations import is_deepspeed_zero3_enabled
 
-        from ..data import generation_prompt, stop_words
-
         zero3 = is_deepspeed_zero3_enabled()
-        if not (self.rank0 or zero3):
+        if not (self.rank0 or zero3):  # under ZeRO-3 every rank takes part in each forward
             return
         trainer = self.trainer_ref()
         net = trainer.accelerator.unwrap_model(trainer.model) if model is None else model
         was_training = net.training
         net.eval()
-        template = self.meta["template"]["name"]
-        stops = stop_words(self.tokenizer, template)
-        rows = []
-        for text in self.cfg.evaluation.inputs:
-            turn = {"input": text, **({"system": self.cfg.evaluation.system} if self.cfg.evaluation.system else {})}
-            ids = torch.tensor([generation_prompt([turn], self.tokenizer, template)], device=trainer.args.device)
-            with torch.no_grad():
-                out = net.generate(
-                    input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=self.cfg.evaluation.max_new_tokens,
-                    do_sample=False, pad_token_id=self.tokenizer.pad_token_id, synced_gpus=zero3,
-                    eos_token_id=self.tokenizer.eos_token_id, use_cache=True,
-                )
-            answer = self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=False)
-            for word in stops:
-                answer = answer.split(word)[0]
-            rows.append({"step": step, "input": text, "output": answer, "time": time.time()})
+        rows = answer_prompts(net, self.tokenizer, self.meta["template"]["name"], self.prompts, step,
+                              device=trainer.args.device, max_new_tokens=self.cfg.evaluation.max_new_tokens,
+                              synced_gpus=zero3)
         if was_training:
             net.train()
         if self.rank0:
@@ -358,98 +382,90 @@ class RunDirCallback(TrainerCallback):
         state_dict = trainable_state_dict(net)  # collective under ZeRO-3
         if dist_ready():
             torch.distributed.barrier()
-        if not state.is_world_process_zero:
-            return
-        save_iter(self.run.path, state.global_step, state_dict, {**self.meta, "epoch": state.epoch})
-        self.run.mark_complete(state.global_step)  # both halves of the checkpoint are whole now
-        limit = self.cfg.saving.save_total_limit
-        if limit and limit > 0:
-            self.run.prune_iters(limit, up_to=state.global_step)
+        if state.is_world_process_zero:
+            save_iter(self.run.path, state.global_step, state_dict, {**self.meta, "epoch": state.epoch})
+            self.run.mark_complete(state.global_step)  # both halves of the checkpoint are whole now
+            limit = self.cfg.saving.save_total_limit
+            if limit and limit > 0:
+                self.run.prune_iters(limit, up_to=state.global_step)
+        if self.prompts and not self.aborted:
+            self._answer(model, state.global_step)  # every checkpoint's answers, for the comparison grid
 
 
 # --- the whole run ---------------------------------------------------------------------
 
 
-def train(run_dir: Path, deepspeed: str | None = None, resume: str | None = None, abort_flag=None) -> str:
-    """Train as configured in ``run_dir/config.yaml``; returns 'finished' or 'aborted'."""
-    import weakref
+def data_line(what: str, report) -> str:
+    return (f"{what}: {report.rows} rows -> {report.kept} samples ({report.dropped} dropped, "
+            f"{report.truncated} truncated), {report.tokens} tokens"
+            + (f", {report.packed_blocks} packed blocks" if report.packed_blocks else ""))
 
-    import yaml
 
-    from ..demo import resolve_model
-    from .data import training_data, training_tokenizer
-
-    import datasets
-
-    datasets.disable_progress_bars()  # train.log is a file, not a terminal
-    run = RunDir(run_dir)
-    cfg = from_dict(yaml.safe_load(run.config_file.read_text(encoding="utf-8")), str(run.config_file))
-    rank = int(os.environ.get("RANK", "0"))
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    print(f"[rank {rank}/{world}] {cfg.name}: {cfg.training.method} on {cfg.model.name_or_path}, "
-          f"deepspeed={Path(deepspeed).name if deepspeed else 'off'}, resume={resume}", flush=True)
-    dtype = resolve_dtype(cfg.model.dtype)
-    attn = resolve_attention(cfg.model.attn_implementation)
-    model_path = resolve_model(cfg.model.name_or_path)
-    tokenizer = training_tokenizer(cfg)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
-
+def training_arguments(cfg: Config, run: RunDir, *, dtype, deepspeed, resume, rank: int, world: int,
+                       has_eval: bool) -> TrainingArguments:
+    """Our config in Trainer's terms. With eval data the eval loss runs on Trainer's
+    schedule: at step 0 (the base model), every evaluation.eval_steps (0: at every
+    save, so each checkpoint has one) and at the end."""
     use_cpu = not torch.cuda.is_available()
-    args = TrainingArguments(
+    report_to = cfg.training.report_to if rank == 0 else []  # only rank 0 reports to trackers
+    if report_to:
+        from .trackers import setup
+
+        setup(run, report_to, project=cfg.name)
+    t = cfg.training
+    return TrainingArguments(
         output_dir=str(run.checkpoints_dir),
-        per_device_train_batch_size=cfg.training.micro_batch_size,
-        gradient_accumulation_steps=cfg.training.accumulative_counts,
-        learning_rate=cfg.training.lr,
-        adam_beta1=cfg.training.betas[0], adam_beta2=cfg.training.betas[1],
-        weight_decay=cfg.training.weight_decay,
-        num_train_epochs=cfg.training.epochs,
-        max_steps=cfg.training.max_steps,
-        lr_scheduler_type=cfg.training.lr_scheduler,
-        warmup_steps=cfg.training.warmup_ratio,
-        max_grad_norm=cfg.training.max_norm if cfg.training.max_norm > 0 else 0.0,
-        logging_steps=cfg.training.logging_steps,
+        per_device_train_batch_size=t.micro_batch_size,
+        gradient_accumulation_steps=t.accumulative_counts,
+        learning_rate=t.lr, adam_beta1=t.betas[0], adam_beta2=t.betas[1], weight_decay=t.weight_decay,
+        num_train_epochs=t.epochs, max_steps=t.max_steps,
+        lr_scheduler_type=t.lr_scheduler, warmup_steps=t.warmup_ratio,
+        max_grad_norm=t.max_norm if t.max_norm > 0 else 0.0,
+        logging_steps=t.logging_steps,
         save_strategy="steps", save_steps=cfg.saving.save_steps,
         save_total_limit=cfg.saving.save_total_limit if cfg.saving.save_total_limit > 0 else None,
         bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
-        activation_checkpointing=cfg.training.gradient_checkpointing and cfg.training.method != "qlora",
+        activation_checkpointing=t.gradient_checkpointing and t.method != "qlora",
         activation_checkpointing_kwargs={"use_reentrant": False},
-        train_sampling_strategy="group_by_length" if (cfg.training.group_by_length and not cfg.data.pack) else "random",
+        train_sampling_strategy="group_by_length" if (t.group_by_length and not cfg.data.pack) else "random",
         length_column_name="length",
-        dataloader_num_workers=cfg.training.dataloader_workers,
-        seed=cfg.training.seed, data_seed=cfg.training.seed,
-        report_to=[], disable_tqdm=True, remove_unused_columns=False,
+        dataloader_num_workers=t.dataloader_workers,
+        seed=t.seed, data_seed=t.seed,
+        report_to=report_to, run_name=run.name, project=cfg.name,
+        disable_tqdm=True, remove_unused_columns=False,
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=(cfg.evaluation.eval_steps or cfg.saving.save_steps) if has_eval else None,
+        eval_on_start=has_eval and not resume,  # a resumed run has its earlier eval rows
+        per_device_eval_batch_size=cfg.evaluation.batch_size or t.micro_batch_size,
         deepspeed=deepspeed, ddp_find_unused_parameters=False, use_cpu=use_cpu,
         ddp_backend="gloo" if use_cpu and world > 1 else None,
         logging_first_step=False,
     )
+
+
+def run_data(cfg: Config, tokenizer, args: TrainingArguments, rank: int):
+    """(training samples, eval samples or None, held-out conversations for the samples)."""
+    from ..data.pipeline import conversations
+    from .data import eval_data, training_data
+
     with args.main_process_first(desc="data"):
         samples, report = training_data(cfg, tokenizer, pack=cfg.data.pack)
+        evaluation = eval_data(cfg, tokenizer, pack=cfg.data.pack)
     if rank == 0:
-        print(f"data: {report.rows} rows -> {report.kept} samples ({report.dropped} dropped, "
-              f"{report.truncated} truncated), {report.tokens} tokens"
-              + (f", {report.packed_blocks} packed blocks" if report.packed_blocks else ""), flush=True)
+        print(data_line("data", report), flush=True)
+    if evaluation is None:
+        return samples, None, []
+    eval_samples, eval_report, eval_rows = evaluation
+    if rank == 0:
+        print(data_line(f"eval data, {eval_report.source}", eval_report), flush=True)
+    return samples, eval_samples, conversations(eval_rows, eval_report.map_fn, cfg.evaluation.heldout_samples)
 
-    if deepspeed and use_cpu:
-        # With use_cpu, accelerate starts gloo itself and DeepSpeed's comm layer
-        # is not set up yet; ZeRO-3's zero.Init would then see world size 1.
-        import deepspeed as ds
 
-        ds.init_distributed(dist_backend="gloo")
-    from transformers import set_seed
-
-    set_seed(cfg.training.seed)  # LoRA's initial weights come from this too: same seed, same run
-    model = load_model(cfg, model_path, dtype, attn, tokenizer)
-    if rank == 0 and hasattr(model, "print_trainable_parameters"):
-        model.print_trainable_parameters()
-    if cfg.data.pack:
-        mask = {"flash_attention_2": None, "sdpa": "bool"}.get(attn, "float")
-        collator = PackedCollator(tokenizer.pad_token_id, mask=mask)
-    else:
-        collator = PaddedCollator(tokenizer.pad_token_id)
+def run_meta(cfg: Config, model, tokenizer, model_path: str, dtype) -> dict:
+    """What every iter_<N>.pth carries besides its weights."""
     from ..data.templates import get_template
 
-    meta = {
+    return {
         "kind": cfg.training.method,
         "base_model": cfg.model.name_or_path,
         "base_model_path": model_path,
@@ -465,11 +481,57 @@ def train(run_dir: Path, deepspeed: str | None = None, resume: str | None = None
         "trainable_token_indices": getattr(getattr(model, "peft_config", {}).get("default"),
                                            "trainable_token_indices", None),
     }
+
+
+def train(run_dir: Path, deepspeed: str | None = None, resume: str | None = None, abort_flag=None) -> str:
+    """Train as configured in ``run_dir/config.yaml``; returns 'finished' or 'aborted'."""
+    import weakref
+
+    import datasets
+    import yaml
+    from transformers import set_seed
+
+    from ..config import eval_source
+    from ..demo import resolve_model
+    from .data import training_tokenizer
+
+    datasets.disable_progress_bars()  # train.log is a file, not a terminal
+    run = RunDir(run_dir)
+    cfg = from_dict(yaml.safe_load(run.config_file.read_text(encoding="utf-8")), str(run.config_file))
+    rank = int(os.environ.get("RANK", "0"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    print(f"[rank {rank}/{world}] {cfg.name}: {cfg.training.method} on {cfg.model.name_or_path}, "
+          f"deepspeed={Path(deepspeed).name if deepspeed else 'off'}, resume={resume}", flush=True)
+    dtype = resolve_dtype(cfg.model.dtype)
+    attn = resolve_attention(cfg.model.attn_implementation)
+    model_path = resolve_model(cfg.model.name_or_path)
+    tokenizer = training_tokenizer(cfg)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+    args = training_arguments(cfg, run, dtype=dtype, deepspeed=deepspeed, resume=resume, rank=rank, world=world,
+                              has_eval=eval_source(cfg) is not None)
+    samples, eval_samples, heldout = run_data(cfg, tokenizer, args, rank)
+    if deepspeed and not torch.cuda.is_available():
+        # With use_cpu, accelerate starts gloo itself and DeepSpeed's comm layer
+        # is not set up yet; ZeRO-3's zero.Init would then see world size 1.
+        import deepspeed as ds
+
+        ds.init_distributed(dist_backend="gloo")
+    set_seed(cfg.training.seed)  # LoRA's initial weights come from this too: same seed, same run
+    model = load_model(cfg, model_path, dtype, attn, tokenizer)
+    if rank == 0 and hasattr(model, "print_trainable_parameters"):
+        model.print_trainable_parameters()
+    if cfg.data.pack:
+        mask = {"flash_attention_2": None, "sdpa": "bool"}.get(attn, "float")
+        collator = PackedCollator(tokenizer.pad_token_id, mask=mask)
+    else:
+        collator = PaddedCollator(tokenizer.pad_token_id)
     trainer = StudioTrainer(
-        model=model, args=args, train_dataset=samples, data_collator=collator,
+        model=model, args=args, train_dataset=samples, eval_dataset=eval_samples, data_collator=collator,
         labeled_only=cfg.training.loss_on_labeled_only,
     )
-    callback = RunDirCallback(run, cfg, meta, tokenizer, abort_flag, weakref.ref(trainer))
+    callback = RunDirCallback(run, cfg, run_meta(cfg, model, tokenizer, model_path, dtype), tokenizer, abort_flag,
+                              weakref.ref(trainer), heldout=heldout)
     trainer.add_callback(callback)
     trainer.remove_callback(PrinterCallback)  # our own one-line-per-step log replaces its dicts
     if resume and rank == 0:
