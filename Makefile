@@ -38,6 +38,7 @@ bench: $(STAMP)
 	$(VENV)/bin/python bench/bench_train.py
 	$(VENV)/bin/python bench/bench_chat.py
 	$(VENV)/bin/python bench/bench_merge.py
+	$(VENV)/bin/python bench/bench_serve.py
 	$(VENV)/bin/python bench/bench_studio.py
 
 clean:
