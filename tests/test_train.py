@@ -88,7 +88,8 @@ def test_qlora_evaluation_samples(tmp_path, tiny_model):
     assert_learned(run_dir, min_drop=0.1)
     assert "evaluation samples at step" not in (run_dir / "train.log").read_text()
     steps = {json.loads(line)["step"] for line in (run_dir / "samples.jsonl").read_text().splitlines()}
-    assert steps == {0, 10, 20}
+    last = metrics(run_dir)[-1]["step"]
+    assert steps == {0, 10, 20, last}  # every `evaluation.every` steps, and at the final save
 
 
 def test_real_model_on_real_data(tmp_path):
