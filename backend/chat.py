@@ -429,10 +429,10 @@ def generate_tokens(model, input_ids, eos_ids: set, settings: GenerationSettings
 
     Why not ``model.generate`` with a streamer: streaming from ``generate``
     needs it in a second thread, and on CPU PyTorch ran ~1.6x slower off the
-    main thread (bench/bench_chat.py, an earlier torch). This loop yields from
-    the caller's own thread. (Measured again for the server, torch 2.13 on 2
-    cores: a worker thread runs this loop as fast as the main thread; see
-    ``backend.serve.engine``.)
+    main thread (measured: bench/bench_chat.py). This loop yields from
+    the caller's own thread. (Re-measured for the server: the cause is a second
+    OpenMP team, one per thread that runs torch code, not the thread as such;
+    see ``backend.serve.engine``.)
     """
     import torch
 

@@ -458,9 +458,10 @@ def cmd_serve(args) -> int:
     guard = Guard(args.work_dir, [], args.trust_remote_code, confined=False)
     if args.engine == "vllm":
         return _serve_vllm(args, models, adapters, keys, guard)
-    served = load_fixed(models, adapters, guard=guard, template=args.prompt_template, system=args.system,
-                        device=args.device, trust_remote_code=args.trust_remote_code)
     scheduler = Scheduler(args.parallel, args.max_queue)
+    # loaded on the thread that generates: one OpenMP team in the process (backend.serve.engine's docstring)
+    served = scheduler.call(load_fixed, models, adapters, guard=guard, template=args.prompt_template,
+                            system=args.system, device=args.device, trust_remote_code=args.trust_remote_code)
     auth = Authorizer(CredentialStore(args.work_dir), keys, open_access=not keys)
     sock = bind(args.host, args.port)
     host = f"[{args.host}]" if ":" in args.host else args.host

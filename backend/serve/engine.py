@@ -18,20 +18,33 @@ off the event loop.
   that goes away frees its slot after at most one more forward step, and a
   waiting one leaves the queue at once.
 
-Why worker threads, and the thread-speed question: ``backend.chat`` notes
-that PyTorch on CPU once ran ~1.6x slower off the main thread. A server has
-to generate off its event loop's thread, so this was measured again here
-(torch 2.13, 2 CPU cores shared with other work, the 30M-parameter model of
-bench/bench_chat.py, 100 greedy tokens through ``stream_reply``, 7
-interleaved runs, medians): main thread 44.9 tokens/s, a fresh thread per
-reply 48.0 (1.07x), one long-lived worker 50.7 (1.13x), a worker feeding a
-consumer on the main thread through a queue (a server's shape) 49.0 (1.09x).
-No slowdown, within the noise: a new thread uses the same intra-op thread
-count as the main one (``torch.get_num_threads()``, also after the main
-thread changed it with ``torch.set_num_threads``; checked). What was slow is
-``generate()``'s streamer, whose generation must run in a second thread
-while the caller polls the streamer's queue, not threads as such. Workers
-are long-lived anyway: no thread start per request.
+Threads and speed, measured for the server (torch 2.13 with GNU OpenMP, 2
+cores shared with other work, the 30M-parameter model of bench/bench_chat.py,
+greedy, medians of interleaved runs). ``backend.chat`` once found PyTorch
+1.6x slower "off the main thread"; the thread itself is not the cause: a new
+thread runs with the same intra-op thread count, and at load 1-2 the main
+thread, a fresh thread, a long-lived worker and a worker feeding a consumer
+through a queue all ran 45-51 tokens/s. What matters is OpenMP's helper
+threads: each thread that runs torch code gets its own team of them, and
+libgomp's wait code lets them spin between parallel regions at full length
+only while it manages no more threads than there are CPUs (else they sleep
+and are woken per region). That fits the old 1.6x (model loaded on the main
+thread, generation in another: two teams), not re-measured idle here. On
+busy cores spinning collapses instead: at load 5, 1.5-7.6 tokens/s in one
+team, 32-49 with ``OMP_WAIT_POLICY=PASSIVE``, which on free cores costs
+(50-55 against 80-112).
+
+Through the API (openai client streaming 60 tokens from ``ftstudio serve``
+on the same 2 cores): free cores 89-98 tokens/s against 110-112 in-process
+(the client's and the event loop's work per token share the cores with the
+helpers); both passive 55 against 54 (the API adds nothing of its own); at
+load 5, 4.0 against 2.6-5.3, and 40 with a passive server. So the server
+keeps plain ``generate``'s default policy (``OMP_WAIT_POLICY=PASSIVE`` in the
+environment is the remedy on a CPU shared with busy work, for ``generate``
+as much), and with one slot (the default) runs every torch operation on its
+one worker thread, models loaded there too (``Scheduler.call``): one team,
+as plain ``generate`` has. The event loop and the tokenizer (Rust) run no
+torch code.
 """
 
 from __future__ import annotations
@@ -392,6 +405,25 @@ class Scheduler:
             self._waiting.append(job)
             self._cond.notify()
         return job
+
+    def call(self, fn: Callable, *args, **kwargs):
+        """``fn(*args, **kwargs)`` run in a worker thread; its result, or its exception raised here.
+        ``ftstudio serve`` loads its models this way, so with one slot every torch operation of the
+        process runs on one thread (see the module docstring: one OpenMP team, as plain generate has)."""
+        box: dict = {}
+
+        def work(cancel: threading.Event) -> Iterator[str]:
+            try:
+                box["value"] = fn(*args, **kwargs)
+            except Exception as exc:  # noqa: BLE001 - handed back to the caller as it is
+                box["error"] = exc
+            return iter(())
+
+        for _ in self.submit(work):
+            pass
+        if "error" in box:
+            raise box["error"]
+        return box.get("value")
 
     def load(self) -> tuple[int, int]:
         """(running, waiting) right now."""
