@@ -22,6 +22,7 @@ from backend.serve import catalog
 
 from .context import USER_ERRORS, StudioContext, StudioError, bind, error_md
 from .export_tab import GPU
+from .serving import model_lock
 from .train_tab import size
 
 RECORDED = "(as trained)"
@@ -125,6 +126,17 @@ def load_models(ctx: StudioContext, choice, tpl, sys_text, both) -> tuple[ChatMo
     return dataclasses.replace(tuned, system=sys_text or ""), base, note
 
 
+def _locked(pieces, lock):
+    """A reply stream whose every step holds the model's lock: /v1 may use the same model object at the same
+    time, and side by side switches its adapter off around a step (``serving.model_lock``)."""
+    while True:
+        with lock:
+            piece = next(pieces, None)
+        if piece is None:
+            return
+        yield piece
+
+
 def _round_robin(streams):
     """Advance each (history, reply stream) by one piece in turn, so both answers grow together."""
     live = list(streams)
@@ -155,9 +167,11 @@ def respond(ctx: StudioContext, msg, hist_t, hist_b, choice, tpl, sys_text, both
     new_turn = [{"role": "user", "content": msg}, {"role": "assistant", "content": ""}]
     hist_t = list(hist_t if isinstance(hist_t, list) else []) + new_turn
     hist_b = list(hist_b if isinstance(hist_b, list) else []) + [dict(m) for m in new_turn]
-    streams = [(hist_t, stream_reply(tuned, turns_of(hist_t[:-2]), msg, settings))]
+    lock = model_lock(tuned.model)  # base is the same model (adapter off) or one of its own
+    streams = [(hist_t, _locked(stream_reply(tuned, turns_of(hist_t[:-2]), msg, settings), lock))]
     if base is not None:
-        streams.append((hist_b, stream_reply(base, turns_of(hist_b[:-2]), msg, settings)))
+        streams.append((hist_b, _locked(stream_reply(base, turns_of(hist_b[:-2]), msg, settings),
+                                        model_lock(base.model))))
     yield hist_t, hist_b if base is not None else gr.skip(), "", note
     for _ in _round_robin(streams):
         yield hist_t, hist_b if base is not None else gr.skip(), gr.skip(), gr.skip()
