@@ -248,3 +248,18 @@ def test_read_api_key(tmp_path):
                                (None, str(tmp_path), "cannot read")]:
         with pytest.raises(ValueError, match=match):
             C.read_api_key(value, file)
+
+
+def test_the_guard_keeps_users_out_of_the_store(tmp_path):
+    """A studio user names files for datasets, models and exports: none of them may be the credential store
+    (reading it leaks nothing usable, but writing one before the studio does would plant a link)."""
+    from backend.core.guard import Guard, GuardError
+
+    CredentialStore(tmp_path).create(model="demo")
+    guard = Guard(tmp_path, [], False)
+    for value in (str(tmp_path / ".serve" / "credentials.json"), ".serve/credentials.json", ".serve"):
+        with pytest.raises(GuardError, match="credentials"):
+            guard.readable(value, "dataset")
+    for value in (tmp_path / ".serve", tmp_path / ".serve" / "merged"):
+        with pytest.raises(GuardError, match="not a place"):
+            guard.output_dir(value, "save path")

@@ -34,7 +34,7 @@ from pathlib import Path
 
 from . import procs
 from .artifacts import CONVERTED_SUBDIR, MERGED_SUBDIR
-from .rundir import NOT_RUNS, UPLOADS, RunDir, is_launcher_command
+from .rundir import NOT_RUNS, SERVE_STATE, UPLOADS, RunDir, is_launcher_command
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 BUNDLED = PROJECT_ROOT / "assets" / "demo"  # ships with the studio: always readable
@@ -114,6 +114,8 @@ class Guard:
             raise GuardError(
                 f"{what} {value}: outside the folders this studio may read ({', '.join(map(str, self.roots))}). "
                 "Copy it into the work directory, upload it, or restart the studio with --allow-path DIR.")
+        if self.work_dir and _inside(path, self.work_dir / SERVE_STATE):
+            raise GuardError(f"{what} {value}: {SERVE_STATE}/ holds the API's credentials; it is no one's data")
         if must_exist and not path.exists():
             raise GuardError(f"{what} {value}: no such file or folder")
         return str(path)

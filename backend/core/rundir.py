@@ -53,7 +53,8 @@ ABORTED_EXIT = 143  # an aborted run exits like a process stopped by SIGTERM
 RESERVE_BYTES = 1 << 20
 # folders of a work directory that are never runs, whatever they hold
 UPLOADS, CONFIGS = "uploads", "configs"
-NOT_RUNS = (UPLOADS, CONFIGS)
+SERVE_STATE = ".serve"  # the serving API's credentials (backend.serve.credentials): never read or written by users
+NOT_RUNS = (UPLOADS, CONFIGS, SERVE_STATE)
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
 
 

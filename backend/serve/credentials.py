@@ -37,10 +37,11 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from backend.core.atomic import write_json
+from backend.core.rundir import SERVE_STATE
 
 log = logging.getLogger(__name__)
 
-STORE_DIR = ".serve"
+STORE_DIR = SERVE_STATE
 STORE_FILE = "credentials.json"
 LOCK_FILE = "credentials.lock"
 TOKEN_PREFIX = "fts_"
