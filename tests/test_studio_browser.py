@@ -56,7 +56,7 @@ def test_walk_through_the_demo(tmp_path, tiny_model):
         page.get_by_role("tab", name="Train").click()
         expect(page.locator("#train-memory")).to_contain_text("Memory estimate")
         expect(page.locator("#train-command")).to_contain_text("ftstudio train")
-        expect(page.locator("#train-yaml")).to_contain_text("method: full")
+        expect(page.locator("#train-yaml")).to_contain_text("name_or_path: demo")  # the top (the editor draws what is in view)
         page.locator("#cfg-training-lr input").fill("-1")  # a bad value: the message sits beside the field
         page.locator("#cfg-training-lr input").press("Tab")
         expect(page.locator("#cfg-training-lr")).to_contain_text("must be at least 0")
