@@ -29,7 +29,7 @@ FIELDS = schema()
 OPEN_SECTIONS = ("model", "data", "training")
 SECTION_TITLES = {
     "model": "Model", "data": "Data", "training": "Training", "lora": "LoRA (method lora / qlora)",
-    "quantization": "Quantization (method qlora)", "saving": "Saving", "evaluation": "Evaluation samples",
+    "quantization": "Quantization (method qlora)", "saving": "Saving", "evaluation": "Evaluation",
 }
 LINES_FIELDS = {"evaluation.inputs"}  # lists typed one item per line
 NO_DEEPSPEED = "none"
