@@ -144,7 +144,7 @@ def main(argv=None) -> int:
         print("app.py: error: --share makes the studio public: a GPU box must not be open to anyone with the "
               "link. Add --auth USER:PASS or --auth-file FILE.", file=sys.stderr)
         return 2
-    if args.host not in ("127.0.0.1", "localhost", "::1") and not auth:
+    if not serving.is_local_host(args.host) and not auth:
         print(f"app.py: warning: listening on {args.host} without --auth: anyone who can reach this port "
               "can train and run code on this machine", file=sys.stderr)
     try:

@@ -24,11 +24,10 @@ from backend.serve import catalog
 from backend.serve.credentials import Authorizer, Scope
 from backend.serve.embed import EMBED_PATH, create_embed_app
 from backend.serve.engine import RequestError, Scheduler, ServedModel, UnknownModel
-from backend.serve.openai_api import create_api
+from backend.serve.openai_api import create_api, is_local_host
 
 from .context import USER_ERRORS, StudioContext, StudioError
 
-LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 DEFAULT_TEMPLATE = "qwen_chat"  # the Chat tab's default, for models that record none (the demo's format)
 _LOCKS: "weakref.WeakKeyDictionary[object, threading.Lock]" = weakref.WeakKeyDictionary()
 _LOCKS_GUARD = threading.Lock()
@@ -74,7 +73,7 @@ class StudioModels:
 
 def open_access(host: str, auth) -> bool:
     """``/v1`` without a key only for a studio without a login that listens on this machine only."""
-    return not auth and host in LOCAL_HOSTS
+    return not auth and is_local_host(host)
 
 
 def routes(ctx: StudioContext, api_keys: list[str], open_access: bool) -> list[Mount]:
