@@ -21,6 +21,12 @@ any of its endpoints with any arguments. So:
 - **Runs and checkpoints** named by a user must be ones we list.
 - **Signals** go only to a process proven to be the run's (``procs``: host,
   boot, pid, start time, command line).
+- **Roles.** Every action a studio user asks for passes ``Guard.require``:
+  ``admin`` may do everything; ``trainer`` may read everything and launch,
+  write, export and share, but abort, resume, cancel or reorder only the runs
+  they started (the run's ``status.json`` ``user``); ``viewer`` may only read
+  (and chat). The command line and a studio without logins act as ``admin``.
+  Share links are the serving API's own scope (``backend.serve.credentials``).
 """
 
 from __future__ import annotations
@@ -44,6 +50,37 @@ _NAME = re.compile(r"^[A-Za-z0-9][\w.-]*$")
 
 class GuardError(ValueError):
     """Refused by the policy; the message says what was refused and the way out."""
+
+
+ROLES = ("admin", "trainer", "viewer")
+# what each role may do; "control" (abort, resume, cancel, move up) also needs the run to be the user's own,
+# unless the role may "control_any"
+ACTIONS = {
+    "admin": {"read", "launch", "write", "control", "control_any", "share"},
+    "trainer": {"read", "launch", "write", "control", "share"},
+    "viewer": {"read"},
+}
+ACTION_WORDS = {"read": "read", "launch": "launch runs", "write": "write files (configs, uploads, exports, "
+                "evaluations)", "control": "abort, resume or reorder runs", "share": "create or revoke share links"}
+
+
+@dataclass(frozen=True)
+class User:
+    """Who asks: a studio login with its role, or the operator at the command line."""
+
+    name: str
+    role: str = "admin"
+
+    def __post_init__(self):
+        if self.role not in ROLES:
+            raise GuardError(f"role {self.role!r} for user {self.name!r}: use one of {', '.join(ROLES)}")
+
+
+def local_user() -> User:
+    """The command line, or a studio without logins: the machine's user, as admin."""
+    import getpass
+
+    return User(getpass.getuser(), "admin")
 
 
 def is_hub_id(value: str) -> bool:
@@ -233,6 +270,21 @@ class Guard:
         shutil.copyfile(src, tmp)
         os.replace(tmp, dest)
         return dest
+
+    # --- roles ------------------------------------------------------------------------
+
+    def require(self, user: User, action: str, run: RunDir | None = None) -> None:
+        """Refuse ``action`` (one of ``ACTIONS``' words) unless ``user``'s role allows it; "control" of a run
+        also needs the run to be theirs (its status.json ``user``) unless they are an admin."""
+        allowed = ACTIONS.get(user.role, set())
+        if action not in allowed:
+            raise GuardError(f"{user.name} is a {user.role}: a {user.role} may not {ACTION_WORDS.get(action, action)}; "
+                             "ask an admin for the trainer role")
+        if action == "control" and run is not None and "control_any" not in allowed:
+            owner = run.status().get("user")
+            if owner != user.name:
+                raise GuardError(f"run {run.name} was started by {owner or 'someone else'}: a trainer may abort, "
+                                 "resume or reorder only their own runs; ask its owner or an admin")
 
     # --- processes --------------------------------------------------------------------
 

@@ -54,7 +54,8 @@ RESERVE_BYTES = 1 << 20
 # folders of a work directory that are never runs, whatever they hold
 UPLOADS, CONFIGS = "uploads", "configs"
 SERVE_STATE = ".serve"  # the serving API's credentials (backend.serve.credentials): never read or written by users
-NOT_RUNS = (UPLOADS, CONFIGS, SERVE_STATE)
+QUEUE = ".queue"  # tickets of runs waiting for their devices (backend.devices.queue), one file a run
+NOT_RUNS = (UPLOADS, CONFIGS, SERVE_STATE, QUEUE)
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
 
 
