@@ -6,6 +6,14 @@ Launch modes, as in XTuner's guide:
 - ``NPROC_PER_NODE`` [``NNODES NODE_RANK ADDR PORT``]: ``torchrun`` with those;
 - ``--launcher slurm``: no torchrun; this process is one Slurm task = one rank.
 
+Devices (``--devices 0,1`` or ``auto``, the first free ones): before its ranks
+start, the launcher takes a lease on them (``backend.devices.leases``: an
+``flock`` per device that dies with the process, handed to the ranks' parent
+too) and sets ``CUDA_VISIBLE_DEVICES`` and the process count from the set.
+While they are busy the run waits in the work directory's queue
+(``backend.devices.queue``), as this same detached process. Slurm and
+multi-node runs take no local lease (the scheduler, or each node, decides).
+
 Commands are argument lists (never a shell string). The workers append their
 own output to ``train.log``; this process only reads that file to echo it, so
 closing a terminal or a browser tab can never stall training. The workers run
@@ -16,6 +24,8 @@ through the run folder's stop request.
 
 from __future__ import annotations
 
+import dataclasses
+import getpass
 import json
 import os
 import shutil
@@ -33,12 +43,15 @@ from .core import procs
 from .core.artifacts import ALLOW_CODE_IN_CONFIG, ArtifactError
 from .core.guard import is_hub_id
 from .core.rundir import ABORTED_EXIT, ACTIVE, WORKER_MODULE, RunDir, RunFolderError, last_error, now
+from .devices import leases
+from .devices import queue as run_queue
 from .models import read_model_config
 
 DEEPSPEED_DIR = Path(__file__).resolve().parent / "deepspeed"
 DEEPSPEED_NAMES = ("deepspeed_zero1", "deepspeed_zero2", "deepspeed_zero2_offload", "deepspeed_zero3",
                    "deepspeed_zero3_offload")
 QUEUED_ENV = "FTSTUDIO_QUEUED_RUN"  # set by start_detached: the run id this launcher was queued for
+RUN_USER_ENV = "FTSTUDIO_RUN_USER"  # set by start_detached: who asked for the run (a studio login)
 
 
 class LaunchError(RuntimeError):
@@ -181,6 +194,33 @@ def device_count() -> tuple[int, str]:
     if torch.cuda.is_available():
         return torch.cuda.device_count(), "GPUs"
     return os.cpu_count() or 1, "CPU cores"
+
+
+def run_user() -> str:
+    """Who starts this run: the studio login that asked (``FTSTUDIO_RUN_USER``), else the machine's user."""
+    return os.environ.get(RUN_USER_ENV) or getpass.getuser()
+
+
+def device_request(devices: str | None, spec: LaunchSpec, nproc_fixed_by: str | None = None
+                   ) -> leases.DeviceRequest | None:
+    """The devices this machine's ranks will lease (``--devices 0,1`` or ``auto``/None: the first free ones),
+    checked against the inventory. On GPUs (and fake devices) the set fixes the process count:
+    ``spec.nproc_per_node`` is set to its size; ``nproc_fixed_by`` names what already fixed the count (e.g.
+    ``NPROC_PER_NODE=2``), and a set of another size is refused. On a CPU-only machine the one device is
+    "cpu" and the process count stays as asked. None where nothing is leased here: under Slurm (it
+    allocates) and for runs over several nodes."""
+    if spec.launcher == "slurm" or spec.nnodes > 1:
+        if devices not in (None, "", "auto"):
+            raise LaunchError(f"--devices {devices}: only for runs on this machine; under --launcher slurm or "
+                              "with NNODES > 1 the devices are the scheduler's or each node's own (leave it out)")
+        return None
+    try:
+        request = leases.request(devices, spec.nproc_per_node, nproc_fixed_by)
+    except leases.DeviceError as exc:
+        raise LaunchError(str(exc)) from None
+    if request.kind != "cpu":
+        spec.nproc_per_node = request.count
+    return request
 
 
 def preflight(cfg: Config, spec: LaunchSpec, deepspeed: Path | None, build_data: bool = True):
@@ -366,37 +406,87 @@ def prepare(run: RunDir, cfg: Config, spec: LaunchSpec, deepspeed: Path | None, 
         shutil.copyfile(deepspeed, run.deepspeed_file)
     run.write_launch(spec.record(run.deepspeed_file if deepspeed else None))
     run.clear_result()
-    if not os.environ.get(QUEUED_ENV):  # a queued run's stop request is for this very attempt: keep it
-        run.clear_stop()
     return run.deepspeed_file if deepspeed else None
 
 
+def take_devices(rd: RunDir, cfg: Config, request: leases.DeviceRequest) -> leases.Lease | None:
+    """The lease on this run's devices: at once if they are free and no earlier run of this work directory
+    waits for one of them; else the run is queued (status "queued", a ticket in ``.queue/``) and this
+    launcher waits its turn. None if a stop was asked for (SIGTERM/SIGINT or a stop request) meanwhile."""
+    lease = run_queue.try_now(rd.path.parent, request)
+    if lease is not None:
+        return lease
+    previous = rd.status()
+    hint = {"user": previous.get("user") or run_user(), "devices": None if request.auto else list(request.devices),
+            "waiting_for": list(request.devices)}
+    if previous.get("state") == "queued":  # the studio queued this launcher (start_detached)
+        rd.write_status(**hint)
+    else:
+        me = procs.self_record()
+        rd.start("queued", run_id=previous.get("run_id") or uuid.uuid4().hex, launcher=me.to_dict(), workers=None,
+                 command=list(me.argv), host=socket.gethostname(), started=previous.get("started") or now(),
+                 config=cfg.name, method=cfg.training.method, **hint)
+    asked = []
+    old = {s: signal.signal(s, lambda signum, frame: asked.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return run_queue.wait_turn(rd, request, hint["user"], stopped=lambda: bool(asked),
+                                   say=lambda text: print(text, flush=True))
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
 def run(cfg: Config, spec: LaunchSpec, *, deepspeed: Path | None = None, run_dir: Path | None = None,
-        resume: Path | None = None, follow=sys.stdout, work_root: str = "work_dirs") -> tuple[int, Path]:
-    """Start this node's ranks and wait for them. Returns (exit code, run_dir);
+        resume: Path | None = None, follow=sys.stdout, work_root: str = "work_dirs",
+        devices: leases.DeviceRequest | None = None) -> tuple[int, Path]:
+    """Start this node's ranks on ``devices`` (``device_request``; None: no lease, e.g. under Slurm), waiting
+    in the work directory's queue while they are busy, and wait for the ranks. Returns (exit code, run_dir);
     the code returned is the one recorded in status.json."""
     rd = RunDir(run_dir or default_run_dir(cfg, spec, work_root))
     owner = spec.node_rank == 0 and int(os.environ.get("SLURM_PROCID", "0")) == 0
-    if spec.distributed and spec.launcher != "slurm" and spec.port is None:
-        spec.port = free_port()
     claim(rd, spec, resume, owner)
+    lease = None
+    if owner:
+        if not os.environ.get(QUEUED_ENV):  # a queued run's stop request is for this very attempt: keep it
+            rd.clear_stop()
+        if devices is not None:
+            lease = take_devices(rd, cfg, devices)
+            if lease is None:  # asked to stop while it waited for its devices
+                rd.end("aborted", ABORTED_EXIT, None)
+                return ABORTED_EXIT, rd.path
+    try:
+        return _run_ranks(rd, cfg, spec, deepspeed, resume, follow, owner, devices, lease)
+    finally:
+        if lease is not None:
+            lease.release()
+
+
+def _run_ranks(rd: RunDir, cfg: Config, spec: LaunchSpec, deepspeed: Path | None, resume: Path | None, follow,
+               owner: bool, devices: leases.DeviceRequest | None, lease: leases.Lease | None) -> tuple[int, Path]:
+    if spec.distributed and spec.launcher != "slurm" and spec.port is None:
+        spec.port = free_port()  # chosen now, not before a wait in the queue
     if owner:
         deepspeed = prepare(rd, cfg, spec, deepspeed, resume)
         if rd.stop_requested():  # aborted while it was queued
             rd.end("aborted", ABORTED_EXIT, None)
             return ABORTED_EXIT, rd.path
     cmd = build_command(spec, rd.path, deepspeed, resume)
+    extra_env = devices.child_env(lease.devices) if devices is not None and lease is not None else {}
     printable = " ".join(cmd)
     if follow is not None:
         follow.write(f"run dir: {rd.path}\ncommand: {printable}\n")
         follow.flush()
-    rd.append_log(f"== {now()} {socket.gethostname()} node {spec.node_rank}: {printable}\n")
+    on = f" on devices {','.join(lease.devices)}" if lease is not None else ""
+    rd.append_log(f"== {now()} {socket.gethostname()} node {spec.node_rank}{on}: "
+                  + "".join(f"{k}={v} " for k, v in extra_env.items()) + f"{printable}\n")
     follower = Follower(rd.train_log, follow, start_at_end=True) if follow is not None else None
-    with open(rd.train_log, "ab") as log:
+    with open(rd.train_log, "ab") as log:  # the lease's descriptors go to the child: it holds the devices too
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=spec.launcher != "slurm", cwd=os.getcwd())
+                                start_new_session=spec.launcher != "slurm", cwd=os.getcwd(),
+                                env={**os.environ, **extra_env} if extra_env else None,
+                                pass_fds=lease.fds if lease is not None else ())
     if owner:
-        _record_start(rd, cfg, spec, cmd, proc, resume, deepspeed)
+        _record_start(rd, cfg, spec, cmd, proc, resume, deepspeed, lease)
     stop = _StopHandlers(rd, spec, proc, owner)
     try:
         while proc.poll() is None:
@@ -418,7 +508,7 @@ def run(cfg: Config, spec: LaunchSpec, *, deepspeed: Path | None = None, run_dir
 
 
 def _record_start(rd: RunDir, cfg: Config, spec: LaunchSpec, cmd: list[str], proc, resume: Path | None,
-                  deepspeed: Path | None) -> None:
+                  deepspeed: Path | None, lease: leases.Lease | None = None) -> None:
     previous = rd.status()
     workers = procs.capture(proc.pid)
     slurm = {k: os.environ[v] for k, v in (("slurm_job_id", "SLURM_JOB_ID"), ("slurm_step_id", "SLURM_STEP_ID"))
@@ -430,6 +520,8 @@ def _record_start(rd: RunDir, cfg: Config, spec: LaunchSpec, cmd: list[str], pro
              resumed_from=str(resume) if resume else previous.get("resumed_from"),
              config=cfg.name, method=cfg.training.method, world_size=spec.world_size, nnodes=spec.nnodes,
              launcher_kind=spec.launcher, deepspeed=_deepspeed_label(rd) if deepspeed else None,
+             user=previous.get("user") or run_user(), resumed_by=run_user() if resume else previous.get("resumed_by"),
+             devices=list(lease.devices) if lease is not None else None, queue_position=None, waiting_for=None,
              **slurm)
 
 
@@ -511,19 +603,26 @@ class _StopHandlers:
 
 
 def start_detached(config: Config, run_dir: str | os.PathLike, *, deepspeed: str | None = None,
-                   spec: LaunchSpec | None = None, resume: bool = False) -> subprocess.Popen:
+                   spec: LaunchSpec | None = None, resume: bool = False, devices: str | None = None,
+                   user: str | None = None) -> subprocess.Popen:
     """Start ``ftstudio train`` for ``config`` in the background (its own
     session, output into the run folder only) and return at once: what the
     studio uses. The run is then followed through its run folder, so a
     restarted caller finds it again. A new run needs a new folder; ``resume``
-    continues a run in its recorded launch shape."""
+    continues a run in its recorded launch shape. ``devices``: "0,1" or
+    None/"auto" (the first free ones; checked here, so an unknown id is an
+    error now, not a failed run); while they are busy the run waits in the
+    queue (``backend.devices.queue``). ``user``: who asks (a studio login;
+    default the machine's user), recorded as the run's owner (a resumed run
+    keeps its owner)."""
     rd = RunDir(run_dir)
     spec = spec or LaunchSpec()
     if resume:
         if not rd.is_run():
             raise RunFolderError(f"{rd.path} is not a run folder; nothing to resume")
         source = rd.config_file
-    else:
+    request = _check_devices(devices, rd if resume else None, spec)
+    if not resume:
         rd.claim_new()
         source = rd.write_requested(config.to_yaml())
     cmd = [sys.executable, "-m", "backend.cli", "train", str(source), "--work-dir", str(rd.path), "--quiet"]
@@ -531,11 +630,15 @@ def start_detached(config: Config, run_dir: str | os.PathLike, *, deepspeed: str
         cmd += ["--deepspeed", deepspeed]
     if resume:
         cmd.append("--resume")
-    run_id = rd.status().get("run_id") or uuid.uuid4().hex
+    if devices and devices != "auto":
+        cmd += ["--devices", devices]
+    previous = rd.status()
+    run_id = previous.get("run_id") or uuid.uuid4().hex
+    asker = user or getpass.getuser()
     rd.clear_stop()
     rd.clear_result()
     env = {k: v for k, v in os.environ.items() if k not in ("NPROC_PER_NODE", "NNODES", "NODE_RANK", "ADDR", "PORT")}
-    env.update(spec.to_env(), **{QUEUED_ENV: run_id})
+    env.update(spec.to_env(), **{QUEUED_ENV: run_id, RUN_USER_ENV: asker})
     with open(rd.launcher_log, "ab") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True, env=env)
@@ -544,5 +647,17 @@ def start_detached(config: Config, run_dir: str | os.PathLike, *, deepspeed: str
     # "queued" until the launcher's preflight passes and it writes "running"; if the
     # preflight fails, effective_status() reads the error off launcher.log
     rd.start("queued", run_id=run_id, host=socket.gethostname(), launcher=record.to_dict() if record else None,
-             workers=None, command=cmd, **fresh)
+             workers=None, command=cmd, user=(previous.get("user") if resume else None) or asker,
+             devices=list(request.devices) if request is not None and not request.auto else None,
+             queue_position=None, waiting_for=None, **fresh)
     return proc
+
+
+def _check_devices(devices: str | None, resumed: RunDir | None, spec: LaunchSpec) -> leases.DeviceRequest | None:
+    """``device_request`` as the launcher will see it (the recorded shape for a resume), without touching
+    ``spec``."""
+    if resumed is not None and resumed.launch():
+        shape = LaunchSpec.from_record(resumed.launch())
+        return device_request(devices, shape, "the run's recorded launch shape")
+    shape = dataclasses.replace(spec)
+    return device_request(devices, shape, f"NPROC_PER_NODE={spec.nproc_per_node}" if spec.nproc_per_node > 1 else None)

@@ -248,3 +248,67 @@ def estimate_for(cfg, *, deepspeed: str | None = None, world_size: int = 1) -> t
     est = estimate_memory(cfg, _MODEL_CONFIGS[key], world_size=world_size, zero_stage=stage,
                           offload=name.endswith("_offload"), dtype=dtype)
     return est, dtype
+
+
+# --- does it fit the chosen devices ----------------------------------------------------------
+
+CUDA_CONTEXT_GIB = 0.75  # what CUDA and the NCCL buffers take on each card before the first tensor
+HEADROOM = 1.1  # the allocator's fragmentation and the peaks between the estimate's parts
+
+
+def fits(estimate: MemoryEstimate, devices, *, ranks: int | None = None) -> tuple[bool, str]:
+    """Whether a run of ``estimate`` (per GPU, as ``estimate_for`` gives it for this many ranks)
+    fits the chosen devices (``backend.devices.inventory.Device`` or their ids), and why, in words.
+
+    On GPUs (or fake devices) every card must hold one rank's share: the estimate plus
+    a CUDA context, with 10% headroom, against the smallest card. On the CPU device the
+    ``ranks`` processes (default 1) share the RAM. CPU offload goes to the RAM as well."""
+    from .devices.inventory import by_id, cpu_device
+
+    known = by_id() if any(isinstance(d, str) for d in devices) else {}
+    chosen = []
+    for d in devices:
+        if isinstance(d, str) and d not in known:
+            raise ValueError(f"device {d!r}: this machine has no such device; it has {', '.join(known) or 'none'}")
+        chosen.append(known[d] if isinstance(d, str) else d)
+    if not chosen:
+        raise ValueError("devices: choose at least one device")
+    cpu = [d for d in chosen if d.kind == "cpu"]
+    gpus = [d for d in chosen if d.kind != "cpu"]
+    if cpu and gpus:
+        raise ValueError("devices: choose GPUs or the CPU, not both")
+    need = estimate.total_gib * HEADROOM
+    if cpu:
+        n = ranks or 1
+        ram = cpu[0].memory_total_mb / 1024
+        need = need * n + estimate.cpu_offload_gib * n
+        ok = need <= ram
+        who = f"{n} process{'es' if n > 1 else ''} on the CPU" if n > 1 else "the CPU"
+        return ok, _fit_words(ok, need, ram, f"{who} ({_gib(ram)} RAM)")
+    n = ranks or len(gpus)
+    smallest = min(gpus, key=lambda d: d.memory_total_mb)
+    card = smallest.memory_total_mb / 1024
+    per_card = need + CUDA_CONTEXT_GIB
+    ok = per_card <= card
+    names = ", ".join(d.id for d in gpus)
+    where = f"each of devices {names}" if len(gpus) > 1 else f"device {names}"
+    words = _fit_words(ok, per_card, card, f"{where} ({smallest.name}, {_gib(card)})", per="per GPU ")
+    host = estimate.cpu_offload_gib * min(n, len(gpus))
+    if host:
+        ram = cpu_device().memory_total_mb / 1024
+        if host > ram:
+            return False, words + f"; but the CPU offload needs {_gib(host)} of RAM and this machine has {_gib(ram)}"
+        words += f"; CPU offload {_gib(host)} of {_gib(ram)} RAM"
+    return ok, words
+
+
+def _gib(gib: float) -> str:
+    return f"{gib:,.1f} GiB"
+
+
+def _fit_words(ok: bool, need: float, have: float, where: str, per: str = "") -> str:
+    if ok:
+        return f"fits: about {_gib(need)} {per}needed on {where}"
+    return (f"does not fit: about {_gib(need)} {per}needed on {where}; try qlora or lora, "
+            "training.gradient_checkpointing, a smaller micro_batch_size or max_length, more devices with "
+            "ZeRO (deepspeed_zero2/zero3) or CPU offload")

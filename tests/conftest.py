@@ -4,6 +4,9 @@ it is read-only in CI, so anything a test modifies is copied to tmp_path first."
 from __future__ import annotations
 
 import os
+import shutil
+import socket
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -22,6 +25,13 @@ def pytest_configure(config):
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
     if not SHARED.is_dir():
         raise pytest.UsageError(f"test material not found at {SHARED}; set FTSTUDIO_SHARED")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _device_locks(tmp_path_factory):
+    """This session's own device leases (backend.devices.leases): runs of one test session queue for this
+    machine's devices among themselves, never behind another session's (or a user's) runs."""
+    os.environ["FTSTUDIO_DEVICE_LOCKS"] = str(tmp_path_factory.mktemp("device-locks"))
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -72,3 +82,28 @@ def tiny_model(demo_dir):
     from backend.demo import demo_model_dir
 
     return demo_model_dir()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def slurm_conf(tmp_path_factory):
+    """A real one-node Slurm cluster from Debian's packages (tests/slurm_cluster.sh), started once for the
+    session's Slurm tests (test_distributed, test_slurm_submit); yields its slurm.conf."""
+    missing = [b for b in ("slurmctld", "slurmd", "srun", "sinfo", "sbatch", "squeue") if not shutil.which(b)]
+    if missing:
+        pytest.fail(f"Slurm is not installed ({', '.join(missing)} missing): "
+                    "apt-get install slurmctld slurmd slurm-client (.ci/run does this)", pytrace=False)
+    folder = tmp_path_factory.mktemp("slurm")
+    script = str(ROOT / "tests" / "slurm_cluster.sh")
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("SLURM_")},
+           "SLURM_CTLD_PORT": str(_free_port()), "SLURMD_PORT": str(_free_port())}
+    started = subprocess.run(["bash", script, "start", str(folder)], env=env, capture_output=True, text=True,
+                             stdin=subprocess.DEVNULL, timeout=120)
+    assert started.returncode == 0, started.stdout + started.stderr
+    yield folder / "slurm.conf"
+    subprocess.run(["bash", script, "stop", str(folder)], env=env, capture_output=True, timeout=120)

@@ -47,6 +47,21 @@ def all_reduce(values: list[float], op="sum") -> list[float]:
     return t.tolist()
 
 
+def peak_memory_mb() -> float:
+    """This rank's peak memory since the last call, in MiB: on a GPU the most
+    PyTorch allocated on it (its peak counter is reset here), on the CPU the
+    process's peak resident set (ru_maxrss: since the process started)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        peak = torch.cuda.max_memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        return round(peak / 2**20, 1)
+    import resource
+    import sys
+
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return round(kib / (2**20 if sys.platform == "darwin" else 2**10), 1)
+
+
 def cpu_has_bf16() -> bool:
     try:
         flags = Path("/proc/cpuinfo").read_text()
@@ -294,6 +309,8 @@ class RunDirCallback(TrainerCallback):
         now = time.time()
         span, self.last_log = now - self.last_log - self.paused_s, now
         tokens, self.tokens_since_log, self.paused_s = self.tokens_since_log, 0.0, 0.0
+        # every rank logs this step (Trainer gathered the loss from all of them): the largest rank's peak
+        peak = all_reduce([peak_memory_mb()], op="max")[0]
         if not state.is_world_process_zero:
             return
         row = {
@@ -306,6 +323,7 @@ class RunDirCallback(TrainerCallback):
             "tokens_per_s": round(tokens / span, 1) if span > 0 else None,
             "tokens_seen": state.num_input_tokens_seen,
             "elapsed_s": round(now - self.start, 3),
+            "peak_memory_mb": peak,
         }
         self.run.append_metric(row)
         print(f"step {row['step']}/{state.max_steps}  loss {row['loss']:.4f}  lr {row['lr']:.3g}  "
