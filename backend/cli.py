@@ -197,12 +197,14 @@ def cmd_train(args) -> int:
 
     from .config import load_config
     from .core.rundir import RunDir
-    from .launch import ABORTED_EXIT, QUEUED_ENV, LaunchSpec, find_resume, preflight, resolve_deepspeed, resume_shape, run
+    from .launch import (ABORTED_EXIT, QUEUED_ENV, LaunchSpec, device_request, find_resume, preflight,
+                         resolve_deepspeed, resume_shape, run)
 
     spec = LaunchSpec.from_env(launcher=args.launcher)
     deepspeed = resolve_deepspeed(args.deepspeed)
     run_dir = Path(args.work_dir) if args.work_dir else None
     resume_ckpt = None
+    fixed_by = f"NPROC_PER_NODE={os.environ['NPROC_PER_NODE']}" if os.environ.get("NPROC_PER_NODE") else None
     if args.resume is not None:
         # the config's name is only needed to find "the newest run of this config"
         cfg_name = load_config(args.config, args.overrides).name if args.resume is True and run_dir is None else ""
@@ -210,11 +212,13 @@ def cmd_train(args) -> int:
         run_dir = rd.path
         cfg = load_config(rd.config_file)
         spec, deepspeed = resume_shape(rd, spec, deepspeed)
+        fixed_by = "the run's recorded launch shape" if rd.launch() else fixed_by
         if args.overrides:
             print("ftstudio train: note: --resume uses the run's own config.yaml; overrides are ignored",
                   file=sys.stderr)
     else:
         cfg = load_config(args.config, args.overrides)
+    devices = device_request(args.devices, spec, fixed_by)  # sets the process count from a GPU set
     owner = spec.node_rank == 0 and os.environ.get("SLURM_PROCID", "0") == "0"
     old = {s: signal.signal(s, _abort_before_start) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -231,7 +235,7 @@ def cmd_train(args) -> int:
         print(f"data: {report.rows} rows, {report.kept} samples ({report.dropped} dropped, "
               f"{report.truncated} truncated), map_fn {report.map_fn}, template {report.template}")
     code, run_dir = run(cfg, spec, deepspeed=deepspeed, run_dir=run_dir, resume=resume_ckpt,
-                        follow=None if args.quiet else sys.stdout)
+                        follow=None if args.quiet else sys.stdout, devices=devices)
     return code
 
 
@@ -291,13 +295,59 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _devices_text(devices) -> str:
+    return ",".join(map(str, devices)) if devices else "-"
+
+
 def cmd_runs(args) -> int:
+    from .devices.queue import entries
     from .runs import list_runs
 
+    places = {e["run_id"]: e for e in entries(args.work_dir)}
     for r in list_runs(args.work_dir):
         where = f"  on {r['remote']}" if r.get("remote") else ""
-        print(f"{r.get('state', '?'):<9} {r.get('started', ''):<25} {r['run_dir']}{where}"
+        waiting = places.get(r.get("run_id")) if r.get("state") == "queued" else None
+        queued = f"  queue position {waiting['position']} for {_devices_text(waiting['devices'])}" if waiting else ""
+        print(f"{r.get('state', '?'):<9} {r.get('started') or '':<25} {r.get('user') or '-':<12} "
+              f"{_devices_text(r.get('devices')):<8} {r['run_dir']}{where}{queued}"
               + (f"  error: {r['error']}" if r.get("error") else ""))
+    return 0
+
+
+def _queue_target(args):
+    """(work dir, run) for ``ftstudio queue up|cancel RUN``: RUN is a name in --work-dir or a run folder."""
+    from pathlib import Path
+
+    from .runs import run_folder
+
+    run = run_folder(args.run if "/" in args.run else Path(args.work_dir) / args.run)
+    return run.path.parent, run
+
+
+def cmd_queue(args) -> int:
+    """The queue of a work directory (``backend.devices.queue``), read from its files; up / cancel a run."""
+    from .core.guard import Guard, local_user
+    from .devices import queue
+
+    if args.queue_command in ("up", "cancel"):
+        work, run = _queue_target(args)
+        if args.queue_command == "up":
+            print(queue.move_up(work, run, local_user(), Guard.cli()))
+            return 0
+        asked, said = queue.cancel(work, run, local_user(), Guard.cli())
+        print(said if asked else f"ftstudio queue cancel: {said}", file=sys.stdout if asked else sys.stderr)
+        return 0 if asked else 1
+    waiting = queue.entries(args.work_dir)
+    if not waiting:
+        print(f"no run is waiting for devices in {args.work_dir}")
+        return 0
+    width = max(len(e["run"]) for e in waiting)
+    print(f"{'pos':<4} {'run':<{width}} {'user':<12} {'devices':<8} waiting for")
+    for e in waiting:
+        held = [f"{d} (held by {e['held_by'].get(d) or 'a run outside this work directory'})" for d in e["busy"]]
+        what = ", ".join(held + [f"after {r}" for r in e["ahead"]]) or "its turn (starting)"
+        wanted = f"any {e['count']} of {_devices_text(e['devices'])}" if e["auto"] else _devices_text(e["devices"])
+        print(f"{e['position']:<4} {e['run']:<{width}} {e['user'] or '-':<12} {wanted:<8} {what}")
     return 0
 
 
@@ -307,6 +357,49 @@ def cmd_abort(args) -> int:
     asked, said = abort(run_folder(args.run_dir), by="ftstudio abort")
     print(said if asked else f"ftstudio abort: {said}", file=sys.stdout if asked else sys.stderr)
     return 0 if asked else 1
+
+
+def cmd_submit(args) -> int:
+    """Submit a run to Slurm, or resume a submitted one as a new job: the calls the Train tab's "Where: Slurm"
+    makes (``backend.slurm``). --dry-run prints the job script and submits nothing."""
+    from . import slurm
+    from .config import load_config
+    from .core.guard import Guard, local_user
+    from .core.rundir import RunDir
+    from .launch import LaunchSpec, default_run_dir
+    from .runs import run_folder
+
+    given = {k: getattr(args, k) for k in ("partition", "nodes", "gpus_per_node", "ntasks_per_node", "time",
+                                           "account") if getattr(args, k) is not None}
+    guard, user = Guard.cli(), local_user()
+    if args.resume is not None:
+        if args.config or args.overrides:
+            print("ftstudio submit: error: --resume RUN continues that run's own config; give no CONFIG",
+                  file=sys.stderr)
+            return 2
+        run = run_folder(args.resume)
+        st = run.status()
+        options = slurm.SlurmOptions.from_dict({**(st.get("slurm") or {}), **given})
+        if args.dry_run:
+            print(slurm.sbatch_script(run, options, user=user.name, run_id=st.get("run_id"),
+                                      deepspeed=slurm.deepspeed_arg(args.deepspeed, guard), resume=True), end="")
+            return 0
+        job = slurm.resubmit(run, user, guard, options, deepspeed=args.deepspeed)
+    else:
+        if not args.config:
+            print("ftstudio submit: error: give CONFIG (a recipe name or .yaml), or --resume RUN", file=sys.stderr)
+            return 2
+        cfg = load_config(args.config, args.overrides)
+        run = RunDir(args.work_dir or default_run_dir(cfg, LaunchSpec()))
+        options = slurm.SlurmOptions.from_dict(given)
+        if args.dry_run:
+            deepspeed = slurm.deepspeed_arg(args.deepspeed, guard)
+            print(slurm.sbatch_script(run, options, user=user.name, deepspeed=deepspeed), end="")
+            return 0
+        job = slurm.submit(cfg, run.path, options, user, guard, deepspeed=args.deepspeed)
+    print(f"submitted Slurm job {job} for run {run.path}\n  script {run.sbatch_file}\n"
+          f"  follow it: ftstudio runs --work-dir {run.path.parent}; stop it: ftstudio abort {run.path}")
+    return 0
 
 
 def cmd_convert(args) -> int:
@@ -543,6 +636,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", nargs="?", const=True, default=None,
                    help="continue the latest checkpoint (of --work-dir), or a given checkpoint / iter_N.pth")
     p.add_argument("--quiet", action="store_true", help="do not echo the training log")
+    p.add_argument("--devices", default="auto", metavar="0,1|auto",
+                   help="GPUs to lease for the run (sets CUDA_VISIBLE_DEVICES and one process per device); auto: "
+                        "the first free ones (NPROC_PER_NODE of them, default 1). While they are busy the run "
+                        "waits in the work directory's queue (ftstudio queue). CPU-only machines: one device, cpu")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("convert", help="pth_to_hf: checkpoint -> HF adapter/model; merge: base + adapter -> model")
@@ -619,12 +716,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the stored record as JSON")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("runs", help="list runs and their state")
+    p = sub.add_parser("runs", help="list runs: state, start, user, devices, queue position")
     p.add_argument("--work-dir", default="work_dirs")
     p.set_defaults(func=cmd_runs)
+    p = sub.add_parser("queue", help="runs waiting for their devices; up RUN: move it ahead; cancel RUN",
+                       description="The queue of a work directory, read from its files (.queue/). A waiting run "
+                                   "starts by itself when its devices are free and no earlier run waits for "
+                                   "one of them.")
+    p.add_argument("--work-dir", default="work_dirs")
+    queue_sub = p.add_subparsers(dest="queue_command", metavar="up|cancel")
+    for name, words in (("up", "move a waiting run ahead of the one before it on its devices"),
+                        ("cancel", "take a waiting run out of the queue (it ends aborted)")):
+        q = queue_sub.add_parser(name, help=words)
+        q.add_argument("run", help="a run name in --work-dir, or a run folder")
+        q.add_argument("--work-dir", default=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_queue)
     p = sub.add_parser("abort", help="stop a running run gracefully (keeps its last checkpoint)")
     p.add_argument("run_dir")
     p.set_defaults(func=cmd_abort)
+    p = sub.add_parser("submit", help="submit a training run to a Slurm cluster (sbatch); resume one as a new job",
+                       description="Write <run>/sbatch.sh (srun of one `ftstudio train --launcher slurm` per task) "
+                                   "and submit it with sbatch. The run is followed through its folder on the shared "
+                                   "file system plus squeue/sacct: ftstudio runs, ftstudio abort, the studio.")
+    p.add_argument("config", nargs="?", help="recipe name (ftstudio list-cfg) or path to a .yaml config")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. training.lr=1e-4")
+    p.add_argument("--slurm", action="store_true", help="submit to Slurm (the one scheduler so far: may be left out)")
+    p.add_argument("--partition", default=None, help="Slurm partition (default: the cluster's default)")
+    p.add_argument("--nodes", type=positive_int, default=None, help="machines (default 1)")
+    p.add_argument("--gpus-per-node", type=_whole_in(0, 1024), default=None, help="GPUs per machine (default 0)")
+    p.add_argument("--ntasks-per-node", type=positive_int, default=None,
+                   help="ranks per machine (default: one per GPU, else 1)")
+    p.add_argument("--time", default=None, help="time limit: minutes, HH:MM:SS or D-HH:MM (default: the partition's)")
+    p.add_argument("--account", default=None, help="Slurm account to charge")
+    p.add_argument("--deepspeed", default=None, help="deepspeed_zero1|zero2|zero2_offload|zero3|zero3_offload or "
+                                                     "a .json")
+    p.add_argument("--work-dir", default=None, help="the new run folder (default: work_dirs/<config>-<time>)")
+    p.add_argument("--resume", default=None, metavar="RUN",
+                   help="resume this submitted run from its last checkpoint as a new job (its recorded shape, "
+                        "unless options are given)")
+    p.add_argument("--dry-run", action="store_true", help="print the job script; submit nothing, write nothing")
+    p.set_defaults(func=cmd_submit)
     p = sub.add_parser("share", help="scoped links: chat with one model (the studio's /embed page and /v1 API)")
     share = p.add_subparsers(dest="share_command", metavar="create|list|revoke", required=True)
     q = share.add_parser("create", help="a new link for one model (shown once)")

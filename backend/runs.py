@@ -8,16 +8,19 @@ checkpoint there and stop. That reaches ranks on any host that shares the
 folder, and a run whose launcher was killed. A queued run (its launcher still
 checking the data) is stopped by SIGTERM to that launcher, once proven to be
 it; a Slurm run on another host also gets ``scancel --signal=TERM`` of its job.
+A run submitted to Slurm (``backend.slurm``) still pending there is cancelled
+(``scancel``: nothing has started, nothing to save); once its job runs, it
+gets the stop request plus ``scancel --signal=TERM`` (the graceful save).
+Resuming a submitted run is a new job: ``backend.slurm.resubmit``.
 """
 
 from __future__ import annotations
 
-import getpass
-import subprocess
 from pathlib import Path
 
-from .core.guard import Guard
-from .core.rundir import ACTIVE, RunDir, RunFolderError, effective_status, list_runs as _run_folders
+from .core.guard import Guard, User
+from .core.rundir import (ABORTED_EXIT, ACTIVE, RunDir, RunFolderError, effective_status,
+                          list_runs as _run_folders)
 
 
 def list_runs(work_dir="work_dirs") -> list[dict]:
@@ -38,18 +41,23 @@ def run_folder(path: str | Path) -> RunDir:
     return run
 
 
-def abort(run: RunDir, guard: Guard | None = None, by: str = "") -> tuple[bool, str]:
-    """Ask a run to save and stop. Returns (asked, what happened, in words)."""
+def abort(run: RunDir, guard: Guard | None = None, by: str = "", user: User | None = None) -> tuple[bool, str]:
+    """Ask a run to save and stop. Returns (asked, what happened, in words). With ``user``, only if
+    ``guard.require(user, "control", run)`` allows it (their own run, or an admin)."""
     guard = guard or Guard.cli()
+    if user is not None:
+        guard.require(user, "control", run)
     status = effective_status(run)
     state = status.get("state")
     if state not in ACTIVE:
         return False, f"{run.name} is not running ({state or 'no state'})"
     run.request_stop(by)
+    if status.get("scheduler") == "slurm":
+        return _abort_submitted(run, status)
     if status.get("remote"):
         said = f"asked {run.name} through its run folder; its ranks on {status['remote']} save and stop at the next step"
         if status.get("slurm_job_id"):
-            said += "; " + slurm_stop(str(status["slurm_job_id"]))
+            said += "; " + slurm_stop(str(status["slurm_job_id"]), run)
         return True, said
     if state == "queued":
         guard.signal_launcher(run)
@@ -70,22 +78,31 @@ def tracker_locations(run: RunDir) -> list[dict]:
     return locations(run, cfg.training.report_to, project=cfg.name)
 
 
-def scancel_command(job_id: str) -> list[str]:
-    return ["scancel", "--signal=TERM", job_id]
-
-
-def slurm_stop(job_id: str) -> str:
+def slurm_stop(job_id: str, run: RunDir | None = None) -> str:
     """``scancel --signal=TERM`` of a job, only if it is a job of ours: the same
-    user, running ``ftstudio`` (a job id in a file is data, not proof)."""
-    if not job_id.isdigit():
-        return f"Slurm job {job_id!r} is not a job id; not signalled"
+    user, running ``ftstudio`` or this run's sbatch.sh (a job id in a file is data, not proof)."""
+    from .slurm import cancel
+
+    return cancel(job_id, run, graceful=True)[1]
+
+
+def _abort_submitted(run: RunDir, status: dict) -> tuple[bool, str]:
+    """A run submitted to Slurm (its stop request is written): a job still pending is cancelled and the run
+    ends aborted; a job that runs gets ``scancel --signal=TERM``, and its ranks save and stop."""
+    from .slurm import SlurmError, cancel, job_state
+
+    job_id = str(status.get("slurm_job_id") or "")
+    if not job_id:
+        return True, f"asked {run.name} to stop; it is still being submitted, and its launcher will stop at once"
     try:
-        out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%u|%o"], capture_output=True, text=True,
-                             timeout=30).stdout.strip()
-    except (OSError, subprocess.SubprocessError) as exc:
-        return f"Slurm not reachable from here ({exc}); the stop request in the run folder still applies"
-    user, _, command = out.partition("|")
-    if user != getpass.getuser() or "ftstudio" not in command and "backend" not in command:
-        return f"Slurm job {job_id} is not a Finetune Studio job of {getpass.getuser()}; not signalled"
-    done = subprocess.run(scancel_command(job_id), capture_output=True, text=True, timeout=30)
-    return f"scancel --signal=TERM {job_id}: " + ("sent" if done.returncode == 0 else done.stderr.strip())
+        job = job_state(job_id)
+    except SlurmError as exc:
+        return True, f"asked {run.name} through its run folder; {exc}"
+    if job is not None and job.waiting:
+        sent, said = cancel(job_id, run, graceful=False)
+        if sent and run.status().get("state") == "queued":
+            run.end("aborted", ABORTED_EXIT, None)
+        return True, (f"cancelled {run.name} while it was pending in Slurm ({said})" if sent else
+                      f"asked {run.name} to stop before it starts; {said}")
+    said = cancel(job_id, run, graceful=True)[1]
+    return True, f"asked {run.name} to save a checkpoint at the next step and stop; {said}"

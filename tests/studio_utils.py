@@ -22,10 +22,11 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_studio(work_dir: Path, *args: str, timeout: float = 180):
-    """Yield (url, process); the studio is stopped afterwards (its runs keep their folders)."""
+def running_studio(work_dir: Path, *args: str, timeout: float = 180, env: dict | None = None):
+    """Yield (url, process); the studio is stopped afterwards (its runs keep their folders). ``env``: extra
+    variables (a Slurm job's own SLURM_* variables are never passed on, but SLURM_CONF may be given here)."""
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}, **(env or {})}
     env["GRADIO_ANALYTICS_ENABLED"] = "False"
     log = open(work_dir.parent / f"studio-{port}.log", "wb")
     proc = subprocess.Popen([sys.executable, "app.py", "--port", str(port), "--work-dir", str(work_dir), *args],

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import subprocess
 import time
@@ -16,7 +15,6 @@ import torch
 from backend.core.rundir import RunDir
 from train_utils import FTSTUDIO, ftstudio, metrics, status
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICK = ["training.epochs=4", "saving.save_steps=8", "evaluation.every=8", "evaluation.max_new_tokens=6",
          "training.micro_batch_size=1"]
 
@@ -138,24 +136,6 @@ def test_studio_launches_node_0_and_its_node_1_command_works_as_printed(tmp_path
     check_run(run.path, 2)
 
 
-@pytest.fixture(scope="module")
-def slurm_conf(tmp_path_factory):
-    """A real one-node Slurm cluster from Debian's packages, started for these tests."""
-    missing = [b for b in ("slurmctld", "slurmd", "srun", "sinfo") if not shutil.which(b)]
-    if missing:
-        pytest.fail(f"Slurm is not installed ({', '.join(missing)} missing): "
-                    "apt-get install slurmctld slurmd slurm-client (.ci/run does this)", pytrace=False)
-    folder = tmp_path_factory.mktemp("slurm")
-    script = os.path.join(ROOT, "tests", "slurm_cluster.sh")
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("SLURM_")},
-           "SLURM_CTLD_PORT": str(free_port()), "SLURMD_PORT": str(free_port())}
-    started = subprocess.run(["bash", script, "start", str(folder)], env=env, capture_output=True, text=True,
-                             stdin=subprocess.DEVNULL, timeout=120)
-    assert started.returncode == 0, started.stdout + started.stderr
-    yield folder / "slurm.conf"
-    subprocess.run(["bash", script, "stop", str(folder)], env=env, capture_output=True, timeout=120)
-
-
 def test_slurm_two_tasks_deepspeed(tmp_path, tiny_model, slurm_conf):
     """srun -N1 --ntasks-per-node=2 ftstudio train ... --launcher slurm: each task is one rank."""
     run_dir = tmp_path / "run"
@@ -225,7 +205,7 @@ def test_slurm_run_on_another_host_is_stopped_through_scancel(tmp_path, tiny_mod
     try:
         jobs = ""
         while not jobs.strip():
-            jobs = subprocess.run(["squeue", "-h", "-o", "%i"], env=env, capture_output=True, text=True).stdout
+            jobs = subprocess.run(["squeue", "-h", "-n", "sleep", "-o", "%i"], env=env, capture_output=True, text=True).stdout
             time.sleep(0.2)
         forged = RunDir(tmp_path / "forged")
         forged.claim_new()
