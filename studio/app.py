@@ -18,8 +18,8 @@ import gradio as gr
 from backend.core.rundir import CONFIGS
 from backend.serve.credentials import read_api_key
 
-from . import chat_tab, dataset_tab, export_tab, runs_tab, serving, train_tab
-from .context import StudioContext
+from . import chat_tab, dataset_tab, devices_panel, export_tab, runs_tab, serving, train_tab
+from .context import StudioContext, parse_role_line
 
 CSS = """
 #ds-sample .textfield { font-family: ui-monospace, monospace; white-space: pre-wrap; }
@@ -35,6 +35,7 @@ def build_app(ctx: StudioContext) -> gr.Blocks:
             with gr.Tab("Dataset", id="dataset", elem_id="tab-dataset"):
                 ds = dataset_tab.build(ctx)
             with gr.Tab("Train", id="train", elem_id="tab-train"):
+                devices_panel.build(ctx)  # what each device holds, live, above the form that picks them
                 tr = train_tab.build(ctx)
             with gr.Tab("Runs", id="runs", elem_id="tab-runs"):
                 rn = runs_tab.build(ctx)
@@ -99,7 +100,9 @@ def calm_queue(app: gr.Blocks) -> None:
         queue.progress_update_sleep_when_free = max(queue.progress_update_sleep_when_free, 0.1)
 
 
-def read_auth(args) -> list[tuple[str, str]] | None:
+def read_auth(args) -> tuple[list[tuple[str, str]] | None, dict[str, str]]:
+    """(logins for Gradio, login -> role). ``--auth USER:PASS`` is an admin; ``--auth-file`` lines read
+    ``USER:PASS`` (an admin) or ``USER:PASS:ROLE`` with ROLE admin, trainer or viewer."""
     pairs = []
     if args.auth:
         pairs.append(args.auth)
@@ -108,14 +111,19 @@ def read_auth(args) -> list[tuple[str, str]] | None:
             lines = Path(args.auth_file).read_text(encoding="utf-8").splitlines()
         except OSError as exc:
             raise SystemExit(f"app.py: error: --auth-file {args.auth_file}: {exc.strerror}")
-        pairs += [(i, line.strip()) for i, line in enumerate(lines, 1) if line.strip() and not line.startswith("#")]
-    out = []
+        pairs += [(f"{args.auth_file} line {i}", line.strip()) for i, line in enumerate(lines, 1)
+                  if line.strip() and not line.startswith("#")]
+    logins, roles = [], {}
     for where, item in pairs:
-        user, sep, password = item.partition(":")
-        if not sep or not user or not password:
-            raise SystemExit(f"app.py: error: {where}: credentials should read USER:PASSWORD")
-        out.append((user, password))
-    return out or None
+        try:
+            user, password, role = parse_role_line(item)
+        except ValueError as exc:
+            raise SystemExit(f"app.py: error: {where}: {exc}")
+        if user in roles:
+            raise SystemExit(f"app.py: error: {where}: user {user!r} is listed twice")
+        logins.append((user, password))
+        roles[user] = role
+    return logins or None, roles
 
 
 def parse_args(argv=None):
@@ -124,7 +132,8 @@ def parse_args(argv=None):
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--share", action="store_true", help="a public Gradio link (needs --auth or --auth-file)")
     p.add_argument("--auth", metavar="USER:PASS", type=lambda s: ("--auth", s), help="require this login")
-    p.add_argument("--auth-file", metavar="FILE", help="logins, one USER:PASS per line")
+    p.add_argument("--auth-file", metavar="FILE", help="logins, one USER:PASS[:ROLE] per line; ROLE is admin "
+                   "(the default: everything), trainer (launch; abort and resume their own runs) or viewer (read only)")
     p.add_argument("--work-dir", default="work_dirs", help="runs, uploads, configs and exports (default work_dirs)")
     p.add_argument("--allow-path", action="append", default=[], metavar="DIR",
                    help="also let users read datasets and models from DIR (repeatable)")
@@ -139,7 +148,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    auth = read_auth(args)
+    auth, roles = read_auth(args)
     if args.share and not auth:
         print("app.py: error: --share makes the studio public: a GPU box must not be open to anyone with the "
               "link. Add --auth USER:PASS or --auth-file FILE.", file=sys.stderr)
@@ -158,7 +167,7 @@ def main(argv=None) -> int:
     warm_imports()
     demo_model_dir()
     ctx = StudioContext(Path(args.work_dir), allow_custom_code=args.allow_custom_code,
-                        allowed_paths=[Path(p) for p in args.allow_path])
+                        allowed_paths=[Path(p) for p in args.allow_path], roles=roles)
     app = build_app(ctx)
     app.queue(default_concurrency_limit=1)
     calm_queue(app)

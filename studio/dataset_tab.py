@@ -179,8 +179,13 @@ def build(ctx: StudioContext) -> DatasetTab:
                   [table, page, page_info, map_fn, map_reason, conversations, status]).then(
         on_render, render_inputs, render_outputs)
 
-    def on_upload(file):
+    def on_upload(file, request: gr.Request):
         if file is None:
+            return gr.skip()
+        try:
+            ctx.require(request, "write")
+        except STUDIO_USER_ERRORS as exc:
+            gr.Warning(str(exc))
             return gr.skip()
         return ctx.guard.save_upload(file if isinstance(file, str) else file.name)
 

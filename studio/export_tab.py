@@ -55,10 +55,12 @@ def on_ckpt(ctx: StudioContext, name, pth):
     return str(converted_dir(path)), str(merged_dir(path))
 
 
-def do_convert(ctx: StudioContext, name, pth, out, overwrite=False, progress=gr.Progress()):
+def do_convert(ctx: StudioContext, name, pth, out, overwrite=False, request: gr.Request = None,
+               progress=gr.Progress()):
     if not name or not pth:
         return "Pick a run and a checkpoint.", gr.skip()
     try:
+        ctx.require(request, "write")
         path = ctx.guard.checkpoint(ctx.guard.run(name), pth)
         target = ctx.guard.output_dir(out)
         progress(0.2, desc="converting")
@@ -75,8 +77,9 @@ def do_convert(ctx: StudioContext, name, pth, out, overwrite=False, progress=gr.
 
 
 def do_merge(ctx: StudioContext, adapter, base_name, out, overwrite=False, dtype="auto", device="cpu",
-             progress=gr.Progress()):
+             request: gr.Request = None, progress=gr.Progress()):
     try:
+        ctx.require(request, "write")
         adapter = ctx.guard.model(adapter, "adapter")
         if not adapter:
             raise StudioError("convert a checkpoint first: merge takes the adapter folder it wrote")

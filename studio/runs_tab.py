@@ -30,15 +30,19 @@ from backend.config import guard_config, load_config
 from backend.core.rundir import JsonlTail, RunDir, effective_status, summarize, tail_text
 from backend.evaluate import SHIPPED_TASKS, EvalError, evaluate
 from backend.launch import start_detached
-from backend.runs import abort, active_runs, list_runs
+from backend import slurm
+from backend.devices import queue as device_queue
+from backend.runs import abort, list_runs
 
 from .context import USER_ERRORS, StudioContext, bind, error_md
 from .export_tab import GPU
 
 POLL_S = 1.5  # seconds between looks at the run folders: metric -> curve in <= ~2 s, studio CPU < 5%
 DETAILS_POLL_S = 5.0  # the grid, benchmark results and trackers change at saves and evaluations only
-CURVES = (("loss", "Loss"), ("lr", "Learning rate"), ("grad_norm", "Grad norm"))
-TABLE_HEADERS = ["run", "state", "config", "method", "started", "ended", "step", "loss", "tok/s"]
+# metrics.jsonl key -> plot title; peak_memory_mb: the largest rank's peak device memory (CPU: peak RSS)
+CURVES = (("loss", "Loss"), ("peak_memory_mb", "Peak memory (MiB)"), ("lr", "Learning rate"),
+          ("grad_norm", "Grad norm"))
+TABLE_HEADERS = ["run", "state", "user", "devices", "config", "method", "started", "ended", "step", "loss", "tok/s"]
 # x-axis choice -> (metrics.jsonl key, axis title)
 X_AXES = {"steps": ("step", "step"), "tokens": ("tokens_seen", "tokens seen"), "time": ("elapsed_s", "time (s)")}
 DEFAULT_OPTS = {"x": "steps", "smooth": 0.0, "log": False}
@@ -70,14 +74,25 @@ def _short_time(stamp: str | None) -> str:
 
 def runs_table(ctx: StudioContext) -> pd.DataFrame:
     rows = []
+    waiting = {e["run"]: e for e in device_queue.entries(ctx.work_dir)}
     for r in list_runs(ctx.work_dir):
         s = summarize(r, train_rows(metrics(RunDir(r["run_dir"]))))
-        rows.append([r["name"], s.state, r.get("config", ""), r.get("method", ""),
+        rows.append([r["name"], state_text(waiting.get(r["name"]), s.state), r.get("user", ""), ",".join(map(str, r.get("devices") or [])),
+                     r.get("config", ""), r.get("method", ""),
                      _short_time(r.get("started")), _short_time(r.get("ended")),
                      f"{s.step}/{s.max_steps or ''}" if s.step is not None else "",
                      f"{s.loss:.4f}" if s.loss is not None else "",
                      f"{s.tokens_per_s:,.0f}" if s.tokens_per_s else ""])
     return pd.DataFrame(rows, columns=TABLE_HEADERS)
+
+
+def state_text(entry: dict | None, state: str) -> str:
+    """The state column: a run waiting in the device queue (``device_queue.entries``) says its place in
+    line and the devices it waits for."""
+    if state != "queued" or not entry:
+        return state
+    waits = ",".join(map(str, entry.get("waiting_for") or []))
+    return f"queued #{entry['position']}" + (f" (waits for device {waits})" if waits else "")
 
 
 def selected_runs(ctx: StudioContext, names) -> list[RunDir]:
@@ -145,7 +160,7 @@ def curves(runs: list[RunDir], x: str = "steps", smooth: float = 0.0, log: bool 
 def plot_update(frame: pd.DataFrame, key: str, title: str, opts: dict):
     """A plot's new points with the axes they are drawn on."""
     xname = X_AXES[opts["x"]][1]
-    ytitle = f"log10 {title.lower()}" if opts["log"] else title.lower()
+    ytitle = f"log10 {_axis(title)}" if opts["log"] else _axis(title)
     return gr.update(value=frame, x=xname, y=key, x_title=xname, y_title=ytitle)
 
 
@@ -252,13 +267,14 @@ def parse_limit(limit) -> int | None:
     return int(value) or None
 
 
-def do_evaluate(ctx: StudioContext, names, choice, tasks, limit, data):
+def do_evaluate(ctx: StudioContext, names, choice, tasks, limit, data, request: gr.Request = None):
     """Evaluate: run lm-eval on a checkpoint of the first selected run; (message, its results table)."""
     runs = selected_runs(ctx, names)
     if not runs:
         return "Select a run first.", gr.skip()
     run = runs[0]
     try:
+        ctx.require(request, "write")
         spec = eval_spec(ctx, run, choice)
         record, path = evaluate(ctx.guard, spec, tasks or [], run=run, limit=parse_limit(limit),
                                 data=str(data or "").strip() or None, trust_remote_code=ctx.allow_custom_code,
@@ -316,28 +332,58 @@ def summary_md(run: RunDir) -> str:
     return text
 
 
-def do_abort(ctx: StudioContext, names):
+def do_abort(ctx: StudioContext, names, request: gr.Request = None):
+    """Abort the selected runs the caller may control (their own; an admin's: any)."""
     runs = selected_runs(ctx, names)
     if not runs:
         return "Select a run first."
-    return "  \n".join(abort(run, ctx.guard, by="the studio")[1] for run in runs)
+    said = []
+    for run in runs:
+        try:
+            user = ctx.require(request, "control", run)
+        except USER_ERRORS as exc:
+            said.append(error_md(exc))
+            continue
+        said.append(abort(run, ctx.guard, by=f"{user.name} in the studio", user=user)[1])
+    return "  \n".join(said)
 
 
-def do_resume(ctx: StudioContext, names):
+def do_move_up(ctx: StudioContext, names, request: gr.Request = None):
+    """Move each selected queued run one place up its queue (the caller's own runs; an admin's: any)."""
+    runs = selected_runs(ctx, names)
+    if not runs:
+        return "Select a queued run first."
+    said = []
+    for run in runs:
+        try:
+            said.append(device_queue.move_up(ctx.work_dir, run, ctx.user_of(request), ctx.guard))
+        except USER_ERRORS as exc:
+            said.append(error_md(exc))
+    return "  \n".join(said)
+
+
+def do_resume(ctx: StudioContext, names, request: gr.Request = None):
     runs = selected_runs(ctx, names)
     if not runs:
         return "Select a run first."
     run = runs[0]
+    try:
+        ctx.require(request, "control", run)
+    except USER_ERRORS as exc:
+        return error_md(exc)
     st = effective_status(run)
     if st.get("state") in ("running", "queued"):
         return f"**{run.name}** is still {st['state']}."
     if st.get("state") == "finished":
         return f"**{run.name}** has finished; nothing to resume."
-    busy = active_runs(ctx.work_dir)
-    if busy:
-        return f"**Error:** run **{busy[0]['name']}** is {busy[0]['state']}; one run at a time."
     if run.latest_checkpoint() is None:
         return f"**Error:** **{run.name}** has no complete checkpoint to resume from (it stopped before the first save)."
+    if st.get("scheduler") == "slurm":
+        try:
+            job = slurm.resubmit(run, ctx.user_of(request), ctx.guard)
+        except USER_ERRORS as exc:
+            return error_md(exc)
+        return f"resubmitted **{run.name}** to Slurm as job {job}: it resumes from its latest checkpoint"
     shape = run.launch()
     if shape.get("launcher") == "slurm":
         return (f"**Error:** **{run.name}** ran under Slurm; resume it the same way: "
@@ -345,7 +391,7 @@ def do_resume(ctx: StudioContext, names):
     try:
         cfg = guard_config(ctx.guard, load_config(run.config_file))  # a CLI run may hold what this studio forbids
         ctx.reap()
-        ctx.children.append(start_detached(cfg, run.path, resume=True))
+        ctx.children.append(start_detached(cfg, run.path, resume=True, user=st.get("user")))
     except USER_ERRORS as exc:
         return error_md(exc)
     said = f"resuming **{run.name}** from its latest checkpoint, as it was launched"
@@ -459,8 +505,14 @@ class EvaluatePanel:
     message: gr.Markdown
 
 
+def _axis(title: str) -> str:
+    """A plot's title as its y axis reads it ("Peak memory (MiB)" -> "peak memory (MiB)")."""
+    return title[:1].lower() + title[1:]
+
+
 def _curve_views() -> tuple[dict, dict]:
-    """The plot options, the three plots, and beside the loss plot the benchmark results and trackers."""
+    """The plot options, the loss with the peak memory beside it, learning rate and grad norm below
+    with the benchmark results and trackers."""
     with gr.Row():
         opts = {"x": gr.Radio(list(X_AXES), value=DEFAULT_OPTS["x"], label="x axis", scale=2, elem_id="runs-x"),
                 "smooth": gr.Slider(0, 0.99, value=DEFAULT_OPTS["smooth"], step=0.01, scale=3, elem_id="runs-smooth",
@@ -470,14 +522,17 @@ def _curve_views() -> tuple[dict, dict]:
     with gr.Row():
         plots["loss"] = gr.LinePlot(x="step", y="loss", color="curve", title="Loss (training and eval)", height=300,
                                     elem_id="runs-loss", x_title="step", y_title="loss", scale=3)
+        plots["peak_memory_mb"] = gr.LinePlot(x="step", y="peak_memory_mb", color="run", title=CURVES[1][1],
+                                              height=300, elem_id="runs-memory", x_title="step",
+                                              y_title=_axis(CURVES[1][1]), scale=2)
+    with gr.Row():
+        for key, title in CURVES[2:]:
+            plots[key] = gr.LinePlot(x="step", y=key, color="run", title=title, height=240, elem_id=f"runs-{key}",
+                                     x_title="step", y_title=_axis(title), scale=2)
         with gr.Column(scale=2):
             opts["benchmarks"] = gr.Dataframe(headers=["checkpoint"], label="Benchmarks (lm-eval), per checkpoint",
                                               interactive=False, wrap=True, elem_id="runs-evals", max_height=300)
             opts["tracker_links"] = gr.Markdown(elem_id="runs-trackers")
-    with gr.Row():
-        for key, title in CURVES[1:]:
-            plots[key] = gr.LinePlot(x="step", y=key, color="run", title=title, height=240, elem_id=f"runs-{key}",
-                                     x_title="step", y_title=title.lower())
     return opts, plots
 
 
@@ -508,6 +563,7 @@ def build(ctx: StudioContext) -> RunsTab:
                                elem_id="runs-selected")
         abort_btn = gr.Button("Abort", variant="stop", scale=0, elem_id="runs-abort")
         resume_btn = gr.Button("Resume", scale=0, elem_id="runs-resume")
+        up_btn = gr.Button("Move up", scale=0, elem_id="runs-move-up", min_width=90)
     action_msg = gr.Markdown(elem_id="runs-action")
     summary = gr.Markdown(elem_id="runs-summary")
     opts, plots = _curve_views()
@@ -527,6 +583,7 @@ def build(ctx: StudioContext) -> RunsTab:
     _wire_views(ctx, selected, seen, fast, slow, opts, plots)
     abort_btn.click(bind(do_abort, ctx), selected, action_msg, api_name="runs_abort")
     resume_btn.click(bind(do_resume, ctx), selected, action_msg, api_name="runs_resume", concurrency_id="launch")
+    up_btn.click(bind(do_move_up, ctx), selected, action_msg, api_name="runs_move_up")
     panel.button.click(bind(do_evaluate, ctx), [selected, panel.checkpoint, panel.tasks, panel.limit, panel.data],
                        [panel.message, opts["benchmarks"]], api_name="runs_evaluate", concurrency_id=GPU,
                        concurrency_limit=1)

@@ -138,14 +138,25 @@ def build(ctx: StudioContext, model: gr.Dropdown) -> SharePanel:
             refresh = gr.Button("↻", scale=0, elem_id="share-refresh")
 
     def share_create(model_spec, expires, custom_expiry, limit, text, request: gr.Request):
+        try:
+            ctx.require(request, "share")
+        except USER_ERRORS as exc:
+            return error_md(exc), "", "", "", links_table(ctx)
         return create(ctx, model_spec, expires, custom_expiry, limit, text,
                       studio_url(request.headers, getattr(request, "url", "")))
+
+    def share_revoke(link_id, request: gr.Request):
+        try:
+            ctx.require(request, "share")
+        except USER_ERRORS as exc:
+            return error_md(exc), links_table(ctx)
+        return revoke(ctx, link_id)
 
     expiry.change(lambda v: gr.update(visible=v == "custom"), expiry, custom)
     create_btn.click(share_create, [model, expiry, custom, requests, label],
                      [status, link, snippet, example, table], api_name="share_create") \
         .then(lambda made: gr.Column(visible=bool(made)), link, shown, api_visibility="private")
-    revoke_btn.click(lambda i: revoke(ctx, i), link_id, [status, table], api_name="share_revoke")
+    revoke_btn.click(share_revoke, link_id, [status, table], api_name="share_revoke")
     refresh.click(lambda: links_table(ctx), None, table, api_name="share_list")
     return SharePanel(expiry, custom, requests, label, create_btn, status, link, snippet, example, table,
                       link_id, revoke_btn)

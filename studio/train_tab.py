@@ -19,11 +19,12 @@ from backend.config import (
 from backend.core.atomic import write_text
 from backend.core.guard import is_plain_name
 from backend.core.rundir import CONFIG, CONFIGS, RunDir, effective_status
+from backend import slurm
 from backend.launch import DEEPSPEED_NAMES, LaunchError, LaunchSpec, start_detached
-from backend.memory import estimate_for
-from backend.runs import active_runs
+from backend.memory import estimate_for, fits
 
-from .context import USER_ERRORS, StudioContext, StudioError, error_md
+from . import placement
+from .context import USER_ERRORS, StudioContext, StudioError, bind, error_md
 
 FIELDS = schema()
 OPEN_SECTIONS = ("model", "data", "training")
@@ -155,9 +156,12 @@ def size(gib: float) -> str:
     return f"{gib:,.2f} GiB" if gib >= 1 else f"{gib * 1024:,.1f} MiB"
 
 
-def memory_md(cfg: Config, deepspeed: str | None, world: int) -> str:
+def memory_md(cfg: Config, deepspeed: str | None, world: int, devices: list[str] | None = None) -> str:
+    """The estimate's table; with ``devices`` (ids ticked, or none: the first ``world`` of this machine),
+    whether it fits them."""
     try:
         est, dtype = estimate_for(cfg, deepspeed=deepspeed, world_size=world)
+        verdict = fits_line(est, devices, world)
     except ValueError as exc:
         return f"Memory estimate unavailable: {exc}"
     rows = [("weights", est.weights_gib), ("LoRA / trained params", None), ("gradients", est.gradients_gib),
@@ -172,7 +176,16 @@ def memory_md(cfg: Config, deepspeed: str | None, world: int) -> str:
     if est.cpu_offload_gib:
         table += f"| offloaded to CPU memory | {size(est.cpu_offload_gib)} |\n"
     return (f"**Memory estimate** ({cfg.training.method}, {dtype}, {world} GPU{'s' if world > 1 else ''}, "
-            f"{deepspeed or 'no ZeRO'}):\n\n{table}")
+            f"{deepspeed or 'no ZeRO'}):\n\n{table}{verdict}")
+
+
+def fits_line(est, devices: list[str] | None, world: int) -> str:
+    """"It fits / does not fit the chosen devices" under the table (none ticked: the first ``world`` devices)."""
+    ids = list(devices or []) or [i for _, i in placement.device_choices()][:max(world, 1)]
+    if not ids:
+        return ""
+    ok, words = fits(est, ids, ranks=world)
+    return f"\n{'✅' if ok else '⚠️'} {words}"
 
 
 # --- the tab ------------------------------------------------------------------------------
@@ -225,6 +238,7 @@ def build(ctx: StudioContext) -> TrainTab:
         nnodes = gr.Number(value=1, precision=0, minimum=1, label="Nodes", elem_id="train-nnodes")
         addr = gr.Textbox(value="", label="Node 0 address", info="nodes > 1 only")
         port = gr.Number(value=29500, precision=0, label="Port", info="nodes > 1 only")
+    place = placement.build()
     comps: dict = {}
     initial = dict(zip((f["key"] for f in FIELDS), config_values(load_config(DEFAULT_RECIPE))))
     for section in SECTIONS:
@@ -248,8 +262,9 @@ def build(ctx: StudioContext) -> TrainTab:
     saved_file = gr.File(label="Saved config", visible=False, interactive=False)
     launched_run = gr.Textbox(visible=False)
 
-    def check(run_name, ds_name, n_proc, n_nodes, a, p, *values):
-        """Per-field messages, the YAML, the command and the memory estimate."""
+    def check(run_name, ds_name, n_proc, n_nodes, a, p, *rest):
+        """Per-field messages, the YAML, the command (or the sbatch script) and the memory estimate."""
+        values, (picked, where, *slurm_values) = rest[:len(FIELDS)], rest[len(FIELDS):]
         cfg, errors, general = form_to_config(ctx, run_name, list(values))
         updates = [gr.update(info=(f"! {errors[f['key']]}" if f["key"] in errors else f["help"]))
                    for f in FIELDS]
@@ -259,12 +274,17 @@ def build(ctx: StudioContext) -> TrainTab:
             return [f"**Error:** {msg}", gr.skip(), gr.skip(), gr.skip(), *updates]
         try:
             ds, spec = deepspeed_choice(ds_name), launch_spec(n_proc, n_nodes, a, p)
-        except LaunchError as exc:
+            if placement.is_slurm(where):
+                options = placement.slurm_options(slurm_values)
+                world, shown = options.nodes * options.tasks_per_node, sbatch_preview(ctx, cfg, ds, options)
+            else:
+                world, shown = spec.world_size, command_text(ctx, cfg, ds, spec)
+        except USER_ERRORS as exc:
             return [error_md(exc), gr.skip(), gr.skip(), gr.skip(), *updates]
-        return ["OK: config is valid", cfg.to_yaml(), command_text(ctx, cfg, ds, spec),
-                memory_md(cfg, ds, spec.world_size), *updates]
+        picked = None if placement.is_slurm(where) else list(picked or [])
+        return ["OK: config is valid", cfg.to_yaml(), shown, memory_md(cfg, ds, world, picked), *updates]
 
-    check_inputs = [name, deepspeed, nproc, nnodes, addr, port, *field_list]
+    check_inputs = [name, deepspeed, nproc, nnodes, addr, port, *field_list, *place.inputs]
     check_outputs = [problems, yaml_view, command, memory, *field_list]
 
     def on_recipe(choice):
@@ -274,8 +294,9 @@ def build(ctx: StudioContext) -> TrainTab:
             return [error_md(exc), gr.skip(), *[gr.skip()] * len(FIELDS)]
         return ["", cfg.name, *config_values(cfg)]
 
-    def on_upload(file):
+    def on_upload(file, request: gr.Request):
         try:
+            ctx.require(request, "write")
             path = ctx.guard.save_upload(file if isinstance(file, str) else file.name)
         except (*USER_ERRORS, AttributeError) as exc:
             return [error_md(exc), gr.skip(), *[gr.skip()] * len(FIELDS)]
@@ -283,67 +304,92 @@ def build(ctx: StudioContext) -> TrainTab:
 
     recipe.input(on_recipe, recipe, [problems, name, *field_list]).then(check, check_inputs, check_outputs)
     load_up.upload(on_upload, load_up, [problems, name, *field_list]).then(check, check_inputs, check_outputs)
-    gr.on([c.input for c in [name, deepspeed, nproc, nnodes, addr, port, *field_list]], check, check_inputs,
+    gr.on([c.input for c in [name, deepspeed, nproc, nnodes, addr, port, *field_list, *place.inputs]], check, check_inputs,
           check_outputs, trigger_mode="always_last", show_progress="hidden")
 
-    def save_config(run_name, *values):
+    def save_config(request: gr.Request, run_name, *values):
         cfg, errors, general = form_to_config(ctx, run_name, list(values))
         if cfg is None:
             return f"**Error:** not saved: {general or '; '.join(errors.values())}", gr.skip(), gr.skip()
         try:
+            ctx.require(request, "write")
             path = _write_config(ctx, cfg)
-        except OSError as exc:
+        except USER_ERRORS as exc:
             return error_md(exc), gr.skip(), gr.skip()
         return (f"Saved {path}", gr.update(value=str(path), visible=True),
                 gr.update(choices=list_recipes() + saved_configs(ctx)))
 
     save.click(save_config, [name, *field_list], [launch_msg, saved_file, recipe], api_name="train_save")
 
-    def do_launch(run_name, ds_name, n_proc, n_nodes, a, p, *values):
-        cfg, errors, general = form_to_config(ctx, run_name, list(values))
-        if cfg is None:
-            return f"**Error:** not launched: {general or '; '.join(errors.values())}", ""
-        busy = active_runs(ctx.work_dir)
-        if busy:
-            return (f"**Error:** not launched: run **{busy[0]['name']}** is {busy[0]['state']} on this machine's GPUs. "
-                    "One run at a time: wait for it to finish or abort it in Runs, then launch again."), ""
-        try:
-            ds, spec = deepspeed_choice(ds_name), launch_spec(n_proc, n_nodes, a, p)
-            _write_config(ctx, cfg)
-            run = ctx.guard.new_run(f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
-            ctx.reap()
-            ctx.children.append(start_detached(cfg, run.path, deepspeed=ds, spec=spec))
-        except USER_ERRORS as exc:
-            return f"**Error:** not launched: {exc}", ""
-        said = f"started **{run.name}**: checking the model and the data…"
-        if spec.nnodes > 1:
-            said += f"\n\n```\n{command_text(ctx, cfg, ds, spec, run.path)}\n```"
-        return said, run.name
-
-    def wait_start(run_name, said=None, timeout: float = 300):
-        """Follow the new run until its preflight passes or fails, then say so
-        (keeping the other nodes' commands that Launch printed)."""
-        try:
-            run = ctx.guard.run(run_name)
-        except USER_ERRORS:
-            return gr.skip()
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if effective_status(run).get("state") != "queued":
-                break
-            time.sleep(0.5)
-        st = effective_status(run)
-        if st.get("state") == "failed":
-            return f"**Error:** **{run.name}** failed before training: {st.get('error')}"
-        nodes = str(said or "").partition("\n\n")[2]
-        wait = f"\n\nnode 0 waits until the other nodes join; start them with:\n\n{nodes}" \
-            if nodes.startswith("```") else ""
-        return f"OK: **{run.name}** is {st.get('state')}: see **Runs** for the live curves.{wait}"
-
-    launched = launch.click(do_launch, check_inputs, [launch_msg, launched_run], api_name="train_launch",
+    launched = launch.click(bind(do_launch, ctx), check_inputs, [launch_msg, launched_run], api_name="train_launch",
                             concurrency_id="launch", concurrency_limit=1)
-    launched.then(wait_start, [launched_run, launch_msg], launch_msg)
+    launched.then(bind(wait_start, ctx), [launched_run, launch_msg], launch_msg)
     return TrainTab(comps, launched_run, name, check, check_inputs, check_outputs)
+
+
+def sbatch_preview(ctx: StudioContext, cfg: Config, deepspeed: str | None, options) -> str:
+    """The job script Launch would submit (the run folder's name gets Launch's time stamp)."""
+    folder = ctx.work_dir / f"{cfg.name}-YYYYMMDD-HHMMSS"
+    return slurm.sbatch_script(folder, options, user="you", deepspeed=deepspeed)
+
+
+def do_launch(ctx: StudioContext, request: gr.Request, run_name, ds_name, n_proc, n_nodes, a, p, *rest):
+    """Launch: on this machine (the devices picked, or the first free ones; queued while they are busy), or
+    submitted to Slurm. Returns (message, the new run's name or "")."""
+    values, (picked, where, *slurm_values) = rest[:len(FIELDS)], rest[len(FIELDS):]
+    cfg, errors, general = form_to_config(ctx, run_name, list(values))
+    if cfg is None:
+        return f"**Error:** not launched: {general or '; '.join(errors.values())}", ""
+    try:
+        user = ctx.require(request, "launch")
+        ds, on_slurm = deepspeed_choice(ds_name), placement.is_slurm(where)
+        options = placement.slurm_options(slurm_values) if on_slurm else None
+        spec = None if on_slurm else launch_spec(n_proc, n_nodes, a, p)
+        devices = None if on_slurm else placement.devices_arg(picked)
+        _write_config(ctx, cfg)
+        run = ctx.guard.new_run(f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+        if on_slurm:
+            job = slurm.submit(cfg, run.path, options, user, ctx.guard, deepspeed=ds)
+            return (f"submitted **{run.name}** to Slurm as job {job} (`{run.sbatch_file}`); it reads queued while "
+                    "the job waits for its nodes"), run.name
+        ctx.reap()
+        ctx.children.append(start_detached(cfg, run.path, deepspeed=ds, spec=spec, devices=devices, user=user.name))
+    except USER_ERRORS as exc:
+        return f"**Error:** not launched: {exc}", ""
+    said = f"started **{run.name}**: checking the model and the data…"
+    if spec.nnodes > 1:
+        said += f"\n\n```\n{command_text(ctx, cfg, ds, spec, run.path)}\n```"
+    return said, run.name
+
+
+def waiting(status: dict) -> bool:
+    """Still before training: the launcher's checks, or waiting for devices (queue) or nodes (Slurm)."""
+    return status.get("state") == "queued" and not status.get("queue_position") and status.get("scheduler") != "slurm"
+
+
+def wait_start(ctx: StudioContext, run_name, said=None, timeout: float = 300):
+    """Follow the new run until its preflight passes or fails (or it waits in a queue), then say so
+    (keeping the other nodes' commands that Launch printed)."""
+    try:
+        run = ctx.guard.run(run_name)
+    except USER_ERRORS:
+        return gr.skip()
+    deadline = time.time() + timeout
+    while time.time() < deadline and waiting(effective_status(run)):
+        time.sleep(0.5)
+    st = effective_status(run)
+    if st.get("state") == "failed":
+        return f"**Error:** **{run.name}** failed before training: {st.get('error')}"
+    if st.get("state") == "queued" and st.get("scheduler") == "slurm":
+        return f"OK: **{run.name}** is submitted to Slurm (job {st.get('slurm_job_id')}); follow it in **Runs**."
+    if st.get("state") == "queued":
+        waits = ", ".join(map(str, st.get("waiting_for") or [])) or "its devices"
+        return (f"OK: **{run.name}** is queued (#{st.get('queue_position')}), waiting for {waits}; it starts by "
+                "itself when they are free. See **Runs**.")
+    nodes = str(said or "").partition("\n\n")[2]
+    wait = f"\n\nnode 0 waits until the other nodes join; start them with:\n\n{nodes}" \
+        if nodes.startswith("```") else ""
+    return f"OK: **{run.name}** is {st.get('state')}: see **Runs** for the live curves.{wait}"
 
 
 def _write_config(ctx: StudioContext, cfg: Config) -> Path:

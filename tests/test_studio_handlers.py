@@ -14,6 +14,7 @@ import pytest
 from gradio_client import Client
 
 from backend.config import load_config
+from backend.devices import queue as device_queue
 from backend.core.rundir import RunDir, effective_status, read_jsonl
 from studio.train_tab import config_values
 
@@ -85,15 +86,22 @@ def test_launch_follow_abort_resume_export_chat(studio):
     run_dir = work / run_name
     assert (work / "configs" / "handlers.yaml").exists()
 
-    # one run at a time: a second launch is refused with a clear message
+    # the machine's one device (its CPU) is busy: a second launch waits in the queue, then is cancelled
     msg2, second = client.predict(*launch_args(cfg, "second"), api_name="/train_launch")
-    assert second == "" and run_name in msg2 and "One run at a time" in msg2
+    assert second.startswith("second-"), msg2
+    assert wait_for(lambda: device_queue.position(work, RunDir(work / second)) == 1, timeout=300), \
+        (work / second / "launcher.log").read_text()[-3000:]
+    table = client.predict([second], api_name="/runs_refresh")[0]
+    assert [second, "queued #1 (waits for device cpu)"] == next(r for r in table["data"] if r[0] == second)[:2]
+    assert "before training began" in client.predict([second], api_name="/runs_abort")
+    assert wait_for(lambda: effective_status(RunDir(work / second)).get("state") == "aborted", timeout=120)
+    assert device_queue.entries(work) == []
 
     # metrics arrive, and the Runs tab's refresh shows them as curve points
     assert wait_for(lambda: len(read_jsonl(run_dir / "metrics.jsonl")) >= 25, timeout=300), \
         (run_dir / "launcher.log").read_text()[-3000:]
-    table, loss, lr, grad, summary, log, samples = client.predict([run_name], api_name="/runs_refresh")
-    assert [run_name, "running"] == table["data"][0][:2]
+    table, loss, memory, lr, grad, summary, log, samples = client.predict([run_name], api_name="/runs_refresh")
+    assert [run_name, "running"] == next(r for r in table["data"] if r[0] == run_name)[:2]
     assert len(plot_rows(loss)) >= 25 and {r[2] for r in plot_rows(loss)} == {run_name}
     assert "running" in summary and "tokens/s" in summary
     assert "step " in log
@@ -113,7 +121,7 @@ def test_launch_follow_abort_resume_export_chat(studio):
     steps = [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl")]
     assert steps[-1] == 600 and st["resumed_from"]
     table, loss, *_ = client.predict([run_name], api_name="/runs_refresh")
-    assert table["data"][0][1] == "finished"
+    assert next(r for r in table["data"] if r[0] == run_name)[1] == "finished"
 
     # export the last checkpoint (a full fine-tune: a complete model)
     out = run_dir / "hf" / "iter_600"
