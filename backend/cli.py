@@ -308,9 +308,24 @@ def cmd_runs(args) -> int:
         where = f"  on {r['remote']}" if r.get("remote") else ""
         waiting = places.get(r.get("run_id")) if r.get("state") == "queued" else None
         queued = f"  queue position {waiting['position']} for {_devices_text(waiting['devices'])}" if waiting else ""
+        note = f"  ({r['note']})" if r.get("note") and r.get("state") in ("queued", "running") else ""
         print(f"{r.get('state', '?'):<9} {r.get('started') or '':<25} {r.get('user') or '-':<12} "
-              f"{_devices_text(r.get('devices')):<8} {r['run_dir']}{where}{queued}"
+              f"{_devices_text(r.get('devices')):<8} {r['run_dir']}{where}{queued}{note}"
               + (f"  error: {r['error']}" if r.get("error") else ""))
+    return 0
+
+
+def cmd_devices(args) -> int:
+    """This machine's devices, who holds each and who waits (``backend.devices.status``: the studio's panel)."""
+    from .devices.status import device_rows
+
+    for d in device_rows(args.work_dir):
+        used, total = d.get("memory_used_mb"), d.get("memory_total_mb")
+        memory = f"{'?' if used is None else f'{used / 1024:,.1f}'}/{'?' if total is None else f'{total / 1024:,.1f}'} GiB"
+        util = "-" if d.get("util_pct") is None else f"{d['util_pct']:.0f}%"
+        temp = "-" if d.get("temp_c") is None else f"{d['temp_c']:.0f}C"
+        waits = f"  waiting: {', '.join(d['waiting'])}" if d["waiting"] else ""
+        print(f"{d['id']:<5} {d['name'][:40]:<40} {memory:>16} {util:>5} {temp:>5}  {d['held_by']}{waits}")
     return 0
 
 
@@ -716,6 +731,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the stored record as JSON")
     p.set_defaults(func=cmd_eval)
 
+    p = sub.add_parser("devices", help="this machine's devices: memory, utilisation, temperature, who holds them")
+    p.add_argument("--work-dir", default="work_dirs", help="the work directory whose runs name the holders")
+    p.set_defaults(func=cmd_devices)
     p = sub.add_parser("runs", help="list runs: state, start, user, devices, queue position")
     p.add_argument("--work-dir", default="work_dirs")
     p.set_defaults(func=cmd_runs)

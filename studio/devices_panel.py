@@ -3,11 +3,8 @@ used/total, utilisation and temperature (``backend.devices.inventory.snapshot``)
 who holds it (a run of this work directory and its user, or someone outside
 it) and which queued runs wait for it, refreshed by a ``gr.Timer``.
 
-Who holds a device comes from two places: the leases (``backend.devices.leases``:
-a device is busy while some process holds its lock, whoever started it) and
-the run folders (a running run's status.json names its ``devices`` and
-``user``). A busy device that no run here names is "in use outside this work
-directory" (another user's studio, a shell). The handlers are module level
+Who holds a device is ``backend.devices.status`` (the leases plus the run
+folders; ``ftstudio devices`` prints the same). The handlers are module level
 and take plain values, so they are tested without a browser."""
 
 from __future__ import annotations
@@ -17,66 +14,13 @@ from dataclasses import dataclass
 import gradio as gr
 import pandas as pd
 
-from backend.devices.inventory import InventoryError, snapshot
-from backend.runs import active_runs
+from backend.devices.inventory import InventoryError
+from backend.devices.status import FREE, device_rows
 
 from .context import StudioContext, bind
 
 POLL_S = 2.0  # seconds between looks at the devices (NVML and /proc reads: well under a millisecond each)
 HEADERS = ["device", "model", "memory used / total", "utilisation", "temperature", "held by", "waiting"]
-FREE = "free"
-OUTSIDE = "in use outside this work directory"
-
-
-def lease_state() -> dict[str, bool] | None:
-    """{device id: busy} from the leases, or None when they cannot be read."""
-    try:
-        from backend.devices import leases
-    except ImportError:  # the leases module is not there (a partial install)
-        return None
-    try:
-        return {str(k): bool(v) for k, v in leases.holders().items()}
-    except (OSError, InventoryError, leases.DeviceError):  # an unreadable or foreign lock folder
-        return None
-
-
-def _label(run: dict) -> str:
-    return f"{run['name']} ({run['user']})" if run.get("user") else str(run["name"])
-
-
-def run_claims(work_dir) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
-    """From this work directory's active runs: (device -> runs holding it, device -> runs waiting
-    for it, by queue position). A running run holds its ``devices``; a queued one waits for its
-    ``waiting_for`` (or may hold its ``devices`` while it starts)."""
-    held: dict[str, list[str]] = {}
-    starting: dict[str, list[str]] = {}
-    waiting: dict[str, list[tuple[int, str]]] = {}
-    for run in active_runs(work_dir):
-        devices = [str(d) for d in run.get("devices") or []]
-        if run.get("state") == "running":
-            for d in devices:
-                held.setdefault(d, []).append(_label(run))
-        elif run.get("waiting_for"):
-            position = run.get("queue_position")
-            rank = position if isinstance(position, int) else 1 << 30
-            for d in (str(x) for x in run["waiting_for"]):
-                waiting.setdefault(d, []).append((rank, _label(run) + (f" #{position}" if position else "")))
-        else:  # queued without waiting: past the queue, taking its lease
-            for d in devices:
-                starting.setdefault(d, []).append(_label(run) + ", starting")
-    for d, names in starting.items():
-        held.setdefault(d, names)
-    return held, {d: [name for _, name in sorted(v)] for d, v in waiting.items()}
-
-
-def holder(device: str, busy: bool | None, held: dict[str, list[str]]) -> str:
-    """Who holds ``device``: the runs here that name it, else someone outside (the lease is
-    taken), else free. Without lease information: the runs here, else "unknown"."""
-    if busy is False:
-        return FREE
-    if held.get(device):
-        return ", ".join(held[device])
-    return OUTSIDE if busy else "unknown (no lease information)"
 
 
 def _memory(used, total) -> str:
@@ -95,24 +39,18 @@ def _unit(value, unit: str) -> str:
 def devices_table(ctx: StudioContext) -> tuple[pd.DataFrame, str]:
     """The panel: one row per device, and a line under it (what is free; where the numbers come from)."""
     try:
-        devices = snapshot()
+        devices = device_rows(ctx.work_dir)
     except InventoryError as exc:
         return pd.DataFrame([], columns=HEADERS), f"**Error:** {exc}"
-    leases = lease_state()
-    held, waiting = run_claims(ctx.work_dir)
-    rows = []
-    for d in devices:
-        busy = None if leases is None else leases.get(d["id"], False)
-        rows.append([d["id"], d["name"], _memory(d["memory_used_mb"], d["memory_total_mb"]),
-                     _unit(d["util_pct"], "%"), _unit(d["temp_c"], "°C"), holder(d["id"], busy, held),
-                     ", ".join(waiting.get(d["id"], []))])
+    rows = [[d["id"], d["name"], _memory(d["memory_used_mb"], d["memory_total_mb"]), _unit(d["util_pct"], "%"),
+             _unit(d["temp_c"], "°C"), d["held_by"], ", ".join(d["waiting"])] for d in devices]
     free = sum(1 for r in rows if r[5] == FREE)
     note = f"{free} of {len(rows)} device{'s' if len(rows) != 1 else ''} free"
     if any(d["kind"] == "fake" for d in devices):
         note += " · fake devices (FTSTUDIO_FAKE_DEVICES, a test seam): their numbers are made up"
     elif any(d["kind"] == "cpu" for d in devices):
         note += " · no NVIDIA GPU here: the CPU and its RAM (utilisation over the cores this studio may use)"
-    if leases is None:
+    if devices and not devices[0]["leases_known"]:
         note += " · leases unreadable: holders from the run folders only"
     return pd.DataFrame(rows, columns=HEADERS), note
 

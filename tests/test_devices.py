@@ -15,6 +15,7 @@ from types import SimpleNamespace
 import pytest
 
 from backend.devices import inventory as inv
+from backend.devices import status as device_status
 from backend.devices.inventory import Device, InventoryError
 
 
@@ -281,8 +282,8 @@ def test_panel_shows_who_holds_each_device(tmp_path, monkeypatch, locks):
         df, note = panel.devices_table(ctx)
         rows = {r["device"]: r for r in df.to_dict("records")}
         assert rows["0"]["held by"] == "ann-run (ann)" and rows["0"]["waiting"] == "bob-run (bob) #1"
-        assert rows["1"]["held by"] == panel.FREE
-        assert rows["2"]["held by"] == panel.OUTSIDE
+        assert rows["1"]["held by"] == device_status.FREE
+        assert rows["2"]["held by"] == device_status.OUTSIDE
         assert "24.0 GiB" in rows["0"]["memory used / total"] and "1 of 3 devices free" in note and "fake" in note
         table, said, shown = panel.devices_refresh(ctx, {})
         assert table.equals(df) and said == note
@@ -291,7 +292,7 @@ def test_panel_shows_who_holds_each_device(tmp_path, monkeypatch, locks):
         holder.kill()
         holder.wait()  # kill -9 frees the lease at once; the run folder is corrected by effective_status
         rows = {r["device"]: r for r in panel.devices_table(ctx)[0].to_dict("records")}
-        assert rows["0"]["held by"] == panel.FREE
+        assert rows["0"]["held by"] == device_status.FREE
     finally:
         outside.release()
         for proc in (holder, queued):
@@ -304,7 +305,7 @@ def test_panel_without_leases_reads_the_run_folders(tmp_path, monkeypatch):
     from studio.context import StudioContext
 
     monkeypatch.setenv(inv.FAKE_ENV, "1")
-    monkeypatch.setattr(panel, "lease_state", lambda: None)
+    monkeypatch.setattr(device_status, "lease_state", lambda: None)
     df, note = panel.devices_table(StudioContext(tmp_path / "work"))
     assert df.to_dict("records")[0]["held by"].startswith("unknown") and "leases unreadable" in note
     monkeypatch.setenv(inv.FAKE_ENV, "x")
@@ -344,3 +345,20 @@ def test_curves_draw_peak_memory(tmp_path):
     assert list(frame.peak_memory_mb) == [500.0, 650.5] and set(frame.run) == {"r"}
     upd = rt.plot_update(frame, "peak_memory_mb", "Peak memory (MiB)", rt.plot_options())
     assert upd["y_title"] == "peak memory (MiB)"
+
+
+def test_ftstudio_devices_prints_the_panels_picture(tmp_path, monkeypatch, locks):
+    """The CLI's view of the devices is the panel's: the same holders, from a fresh process."""
+    from backend.devices import leases
+    from train_utils import ftstudio
+
+    monkeypatch.setenv(inv.FAKE_ENV, "2")
+    lease = leases.acquire(["1"])  # this test process holds device 1; no run of the work directory names it
+    try:
+        out = ftstudio("devices", "--work-dir", str(tmp_path / "work"), cwd=tmp_path)
+    finally:
+        lease.release()
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("0 ") and lines[0].endswith(device_status.FREE), out.stdout
+    assert lines[1].startswith("1 ") and lines[1].endswith(device_status.OUTSIDE), out.stdout
