@@ -5,9 +5,11 @@ Packed blocks carry per-sample ``position_ids`` and ``seq_lens``. Position ids
 alone do not stop eager/SDPA attention from crossing sample borders, so for
 those kernels the collator builds a 4-D additive mask (0 where a token may
 attend, the dtype's minimum elsewhere): causal within each sample, nothing
-across samples, nothing to padding. For flash-attention the batch is
-flattened into one row and the kernel's varlen path takes the borders from the
-position ids, with no mask at all (what ``DataCollatorWithFlattening`` does).
+across samples, nothing to padding. For flash-attention (CUDA) and our
+per-sample SDPA (``attention.py``, CPU) the batch is flattened into one row
+with no padding and no mask, and the samples' borders travel as
+``cu_seq_lens_q/k`` (what ``DataCollatorWithFlattening`` builds, with the
+``return_flash_attn_kwargs`` option), so attention costs Σ nᵢ², not T².
 """
 
 from __future__ import annotations
@@ -29,8 +31,8 @@ class PackedCollator:
 
     ``mask``: "bool" (True = may attend; for SDPA, whatever the compute
     dtype), "float" (additive 0 / -inf-like; for eager attention, which adds
-    the mask to the scores), or None (flash-attention varlen: one flattened
-    row, borders from position_ids).
+    the mask to the scores), or None (one flattened row with cu_seq_lens,
+    for flash-attention varlen or ``attention.SEGMENT_SDPA``).
     """
 
     def __init__(self, pad_token_id: int, mask: str | None = "bool"):
@@ -39,19 +41,7 @@ class PackedCollator:
 
     def __call__(self, features):
         if self.mask is None:
-            ids, labels, pos = [], [], []
-            for f in features:
-                ids += f["input_ids"]
-                labels += f["labels"]
-                pos += f["position_ids"]
-            return {
-                "input_ids": torch.tensor([ids]),
-                "labels": torch.tensor([labels]),
-                "position_ids": torch.tensor([pos]),
-                "num_tokens": torch.tensor(len(ids)),
-                # where each block ends in the flat row (the eval loss is summed per block)
-                "item_lens": torch.tensor([len(f["input_ids"]) for f in features]),
-            }
+            return self.flattened(features)
         length = max(len(f["input_ids"]) for f in features)
         allowed = torch.zeros((len(features), 1, length, length), dtype=torch.bool)
         causal = torch.tril(torch.ones(length, length, dtype=torch.bool))
@@ -73,6 +63,37 @@ class PackedCollator:
             "position_ids": _pad([f["position_ids"] for f in features], 0, length),
             "attention_mask": mask,
             "num_tokens": torch.tensor(sum(len(f["input_ids"]) for f in features)),
+        }
+
+
+    @staticmethod
+    def flattened(features) -> dict:
+        """The blocks as one row with no padding, and the samples' borders as
+        ``cu_seq_lens_q/k`` (int32 starts, then the total) and ``max_length_q/k``:
+        the keyword arguments flash-attention's varlen kernel and our
+        per-sample SDPA (``attention.py``) read, passed through the model's
+        forward to every attention layer. Given explicitly, they spare the
+        kernel deriving them from the position ids at every layer."""
+        ids, labels, pos, lens = [], [], [], []
+        for f in features:
+            ids += f["input_ids"]
+            labels += f["labels"]
+            pos += f["position_ids"]
+            lens += f["seq_lens"]
+        starts = torch.zeros(len(lens) + 1, dtype=torch.int32)
+        starts[1:] = torch.tensor(lens, dtype=torch.int32).cumsum(0)
+        if int(starts[-1]) != len(ids):
+            raise ValueError(f"seq_lens sum to {int(starts[-1])}, the blocks hold {len(ids)} tokens")
+        longest = max(lens)
+        return {
+            "input_ids": torch.tensor([ids]),
+            "labels": torch.tensor([labels]),
+            "position_ids": torch.tensor([pos]),
+            "cu_seq_lens_q": starts, "cu_seq_lens_k": starts,
+            "max_length_q": longest, "max_length_k": longest,
+            "num_tokens": torch.tensor(len(ids)),
+            # where each block ends in the flat row (the eval loss is summed per block)
+            "item_lens": torch.tensor([len(f["input_ids"]) for f in features]),
         }
 
 
