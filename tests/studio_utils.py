@@ -22,9 +22,11 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_studio(work_dir: Path, *args: str, timeout: float = 180, env: dict | None = None):
-    """Yield (url, process); the studio is stopped afterwards (its runs keep their folders). ``env``: extra
-    variables (a Slurm job's own SLURM_* variables are never passed on, but SLURM_CONF may be given here)."""
+def running_studio(work_dir: Path, *args: str, timeout: float = 180, env: dict | None = None,
+                   abort_runs: bool = True):
+    """Yield (url, process); the studio is stopped afterwards (its runs keep their folders) and, unless
+    ``abort_runs`` is False, the work directory's active runs are aborted. ``env``: extra variables (a Slurm
+    job's own SLURM_* variables are never passed on, but SLURM_CONF may be given here)."""
     port = free_port()
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}, **(env or {})}
     env["GRADIO_ANALYTICS_ENABLED"] = "False"
@@ -51,7 +53,7 @@ def running_studio(work_dir: Path, *args: str, timeout: float = 180, env: dict |
         from backend.core.rundir import RunDir
         from backend.runs import abort, active_runs
 
-        for run in active_runs(work_dir):  # runs outlive the studio by design; not a test's
+        for run in active_runs(work_dir) if abort_runs else []:  # runs outlive the studio by design; not a test's
             abort(RunDir(run["run_dir"]))
         proc.terminate()
         try:

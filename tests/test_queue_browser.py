@@ -3,7 +3,9 @@ a machine of two devices (the inventory seam, FTSTUDIO_FAKE_DEVICES=2; leases,
 launchers and runs are real) runs one long run on each device; a third run,
 launched from the browser, waits in the queue. The panel shows which run and
 user holds each device and who waits; the Runs tab shows the queued run with
-its place in line; when one run is aborted the queued one starts by itself."""
+its place in line (so does a second studio started on the same work
+directory: the queue is files); when one run is aborted the queued one
+starts by itself."""
 
 from __future__ import annotations
 
@@ -75,6 +77,10 @@ def test_device_panel_and_a_queued_run(tmp_path, tiny_model, monkeypatch):
         table = page.locator("#runs-table")
         expect(table).to_contain_text("queued #1 (waits for device 0)")
         page.screenshot(path=shots / "queue.png", full_page=False)
+        # a studio started afresh on the same work directory (nothing in memory) shows the same queue
+        with running_studio(work, abort_runs=False) as (url2, _):
+            rows = Client(url2, verbose=False).predict([third], api_name="/runs_refresh")[0]["data"]
+            assert next(r for r in rows if r[0] == third)[1] == "queued #1 (waits for device 0)", rows
 
         # device 0 frees up: the queued run starts by itself
         assert "asked" in client.predict([first], api_name="/runs_abort")
