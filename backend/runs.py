@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from . import slurm as _slurm  # noqa: F401 - registers Slurm's follower, so submitted runs read true here
 from .core.guard import Guard, User
 from .core.rundir import (ABORTED_EXIT, ACTIVE, RunDir, RunFolderError, effective_status,
                           list_runs as _run_folders)

@@ -48,7 +48,9 @@ from dataclasses import asdict, dataclass, fields, replace
 from .config import Config
 from .core.atomic import write_text
 from .core.guard import Guard, GuardError, User
-from .core.rundir import ACTIVE, RunDir, RunFolderError, effective_status, now
+from .core import procs
+from .core.rundir import (ABORTED_EXIT, ACTIVE, ENDED, FOLLOWERS, RunDir, RunFolderError, effective_status,
+                          last_error, now, result_outcome)
 from .launch import DEEPSPEED_NAMES, QUEUED_ENV, RUN_USER_ENV, LaunchError, resolve_deepspeed
 
 _PLAIN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")  # partition and account names
@@ -324,3 +326,63 @@ def cancel(job_id: str, run: RunDir | None = None, *, graceful: bool = True) -> 
     except SlurmError as exc:
         return False, f"{exc}; the stop request in the run folder still applies"
     return done.returncode == 0, f"{shlex.join(cmd)}: " + ("sent" if done.returncode == 0 else done.stderr.strip())
+
+
+# --- following a submitted run (rundir.effective_status asks this) ---------------------------------
+
+
+def follow_submitted(run: RunDir, status: dict) -> dict:
+    """A submitted run not followed through a live launcher here: its Slurm job says where it stands.
+    PENDING reads "queued" with Slurm's reason; a job that ended while status.json still says queued or
+    running (its launcher never ran, or was killed) is recorded as ended, with the error from its logs."""
+    job_id = str(status.get("slurm_job_id") or "")
+    if not job_id:
+        return {**status, "note": "being submitted to Slurm"}
+    try:
+        job = job_state(job_id)
+    except SlurmError as exc:
+        return {**status, "note": f"Slurm job {job_id}: cannot ask Slurm from here ({exc})"}
+    if job is not None and job.waiting:
+        return {**status, "state": "queued", "note": f"pending in Slurm ({job.reason or job.state}), job {job_id}"}
+    if job is not None and job.holding:
+        host = (status.get("launcher") or {}).get("host")
+        where = {"remote": host} if host and host != procs.hostname() else {}
+        doing = "running" if status["state"] == "running" else "started; checking the config and data"
+        return {**status, **where, "note": f"Slurm job {job_id} {doing} ({job.state.lower()})"}
+    return _record_slurm_end(run, job_id, job.state if job else None)
+
+
+def _record_slurm_end(run: RunDir, job_id: str, slurm_state: str | None) -> dict:
+    status = run.status()  # again: the launcher may have recorded the end meanwhile
+    if status.get("state") not in ACTIVE:
+        return status
+    result = run.result()
+    if status["state"] == "running" and result.get("state") in ENDED:
+        state, code, error = result_outcome(result)
+    elif run.stop_requested() or slurm_state == "CANCELLED":
+        state, code, error = "aborted", ABORTED_EXIT, None  # asked to stop, or cancelled in Slurm (scancel)
+    else:
+        state, code = "failed", 1
+        error = _slurm_error(run, job_id, status["state"], slurm_state)
+    try:
+        return run.end(state, code, error)
+    except OSError:
+        return {**status, "state": state, "exit_code": code, "error": error}
+
+
+def _slurm_error(run: RunDir, job_id: str, was: str, slurm_state: str | None) -> str:
+    """Why a submitted run failed: Slurm's time limit, else the error its logs show (the workers' train.log
+    once it ran; the job's own output, where the launcher says what it refused), else the job's end."""
+    if slurm_state == "TIMEOUT":
+        return (f"Slurm job {job_id} reached its time limit (--time) before the run recorded its end; resume it "
+                "from its last checkpoint, with a longer --time")
+    found = last_error(run.train_log) if was == "running" else None
+    found = found or last_error(run.slurm_output(job_id), skip=("srun:", "slurmstepd:"))
+    if found:
+        return found
+    if slurm_state is None:
+        return f"Slurm job {job_id} is gone (Slurm no longer lists it) and the run recorded no end"
+    return f"Slurm job {job_id} ended {slurm_state} and the run recorded no end; see {run.slurm_output(job_id)}"
+
+
+FOLLOWERS["slurm"] = follow_submitted

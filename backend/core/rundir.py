@@ -332,19 +332,28 @@ def _alive(record, run: "RunDir", launcher: bool) -> bool:
     return is_launcher_command(rec.argv) if launcher else is_worker_command(rec.argv, run)
 
 
+# scheduler name -> fn(run, status) -> the status as the scheduler tells it (registered by the module that
+# submits to it, e.g. backend.slurm; the core never imports what sits above it)
+FOLLOWERS: dict = {}
+
+
 def effective_status(run: RunDir) -> dict:
     """status.json as it is true now. A queued/running run on this machine whose
     launcher and workers are both gone (SIGKILL, OOM, a reboot) ended: how is
     read off result.json, else it failed; the correction is written back.
     While the workers still train, the run is running even if its launcher died.
-    A run submitted to Slurm whose launcher is not alive here asks Slurm
-    (``_slurm_status``); no other run ever runs a command."""
+    A run submitted to a scheduler whose launcher is not alive here asks the
+    scheduler's follower (``FOLLOWERS``; ``backend.slurm`` registers Slurm's);
+    no other run ever runs a command."""
     status = run.status()
     if status.get("state") not in ACTIVE:
         return status
     launcher, workers = status.get("launcher") or {}, status.get("workers") or {}
-    if status.get("scheduler") == "slurm" and not _alive(launcher, run, launcher=True):
-        return _slurm_status(run, status)
+    if status.get("scheduler") and not _alive(launcher, run, launcher=True):
+        follow = FOLLOWERS.get(status["scheduler"])
+        if follow is None:
+            return {**status, "note": f"submitted to {status['scheduler']}; its state cannot be read here"}
+        return follow(run, status)
     record = procs.ProcessRecord.from_dict(launcher)
     if record is not None and not record.local and record.host != procs.hostname():
         return {**status, "remote": record.host}  # another machine: its own channel tells (see runs.abort)
@@ -361,7 +370,7 @@ def _record_end(run: RunDir) -> dict:
         return status
     result = run.result()
     if status["state"] == "running" and result.get("state") in ENDED:
-        state, code, error = _from_result(result)
+        state, code, error = result_outcome(result)
     elif status["state"] == "queued" and run.stop_requested():
         state, code, error = "aborted", ABORTED_EXIT, None  # stopped, as asked, before training began
     elif status["state"] == "queued":
@@ -377,67 +386,11 @@ def _record_end(run: RunDir) -> dict:
         return {**status, "state": state, "exit_code": code, "error": error}
 
 
-def _from_result(result: dict) -> tuple[str, int, str | None]:
+def result_outcome(result: dict) -> tuple[str, int, str | None]:
     """(state, exit code, error) as rank 0's result.json tells how the ranks ended."""
     state = result["state"]
     code = 0 if state == "finished" else ABORTED_EXIT if state == "aborted" else int(result.get("exit_code") or 1)
     return state, code, result.get("error") if state == "failed" else None
-
-
-def _slurm_status(run: RunDir, status: dict) -> dict:
-    """A submitted run not followed through a live launcher here: its Slurm job says where it stands.
-    PENDING reads "queued" with Slurm's reason; a job that ended while status.json still says queued or
-    running (its launcher never ran, or was killed) is recorded as ended, with the error from its logs."""
-    from ..slurm import SlurmError, job_state  # here, not at the top: only submitted runs ever ask Slurm
-
-    job_id = str(status.get("slurm_job_id") or "")
-    if not job_id:
-        return {**status, "note": "being submitted to Slurm"}
-    try:
-        job = job_state(job_id)
-    except SlurmError as exc:
-        return {**status, "note": f"Slurm job {job_id}: cannot ask Slurm from here ({exc})"}
-    if job is not None and job.waiting:
-        return {**status, "state": "queued", "note": f"pending in Slurm ({job.reason or job.state}), job {job_id}"}
-    if job is not None and job.holding:
-        host = (status.get("launcher") or {}).get("host")
-        where = {"remote": host} if host and host != procs.hostname() else {}
-        doing = "running" if status["state"] == "running" else "started; checking the config and data"
-        return {**status, **where, "note": f"Slurm job {job_id} {doing} ({job.state.lower()})"}
-    return _record_slurm_end(run, job_id, job.state if job else None)
-
-
-def _record_slurm_end(run: RunDir, job_id: str, slurm_state: str | None) -> dict:
-    status = run.status()  # again: the launcher may have recorded the end meanwhile
-    if status.get("state") not in ACTIVE:
-        return status
-    result = run.result()
-    if status["state"] == "running" and result.get("state") in ENDED:
-        state, code, error = _from_result(result)
-    elif run.stop_requested() or slurm_state == "CANCELLED":
-        state, code, error = "aborted", ABORTED_EXIT, None  # asked to stop, or cancelled in Slurm (scancel)
-    else:
-        state, code = "failed", 1
-        error = _slurm_error(run, job_id, status["state"], slurm_state)
-    try:
-        return run.end(state, code, error)
-    except OSError:
-        return {**status, "state": state, "exit_code": code, "error": error}
-
-
-def _slurm_error(run: RunDir, job_id: str, was: str, slurm_state: str | None) -> str:
-    """Why a submitted run failed: Slurm's time limit, else the error its logs show (the workers' train.log
-    once it ran; the job's own output, where the launcher says what it refused), else the job's end."""
-    if slurm_state == "TIMEOUT":
-        return (f"Slurm job {job_id} reached its time limit (--time) before the run recorded its end; resume it "
-                "from its last checkpoint, with a longer --time")
-    found = last_error(run.train_log) if was == "running" else None
-    found = found or last_error(run.slurm_output(job_id), skip=("srun:", "slurmstepd:"))
-    if found:
-        return found
-    if slurm_state is None:
-        return f"Slurm job {job_id} is gone (Slurm no longer lists it) and the run recorded no end"
-    return f"Slurm job {job_id} ended {slurm_state} and the run recorded no end; see {run.slurm_output(job_id)}"
 
 
 def last_error(log: Path, lines: int = 12, skip: tuple[str, ...] = ()) -> str | None:
