@@ -199,7 +199,9 @@ def cmd_train(args) -> int:
     from .core.rundir import RunDir
     from .launch import (ABORTED_EXIT, QUEUED_ENV, LaunchSpec, device_request, find_resume, preflight,
                          resolve_deepspeed, resume_shape, run)
+    from .train.phases import Phases
 
+    phases = Phases("preflight", since_process_start=True)  # this launcher's own: its checks, the data, the queue
     spec = LaunchSpec.from_env(launcher=args.launcher)
     deepspeed = resolve_deepspeed(args.deepspeed)
     run_dir = Path(args.work_dir) if args.work_dir else None
@@ -222,7 +224,7 @@ def cmd_train(args) -> int:
     owner = spec.node_rank == 0 and os.environ.get("SLURM_PROCID", "0") == "0"
     old = {s: signal.signal(s, _abort_before_start) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        report = preflight(cfg, spec, deepspeed, build_data=owner)
+        report = preflight(cfg, spec, deepspeed, build_data=owner, phases=phases)
     except _AbortedBeforeStart:
         if os.environ.get(QUEUED_ENV) and run_dir is not None:
             RunDir(run_dir).end("aborted", ABORTED_EXIT, None)
@@ -235,7 +237,7 @@ def cmd_train(args) -> int:
         print(f"data: {report.rows} rows, {report.kept} samples ({report.dropped} dropped, "
               f"{report.truncated} truncated), map_fn {report.map_fn}, template {report.template}")
     code, run_dir = run(cfg, spec, deepspeed=deepspeed, run_dir=run_dir, resume=resume_ckpt,
-                        follow=None if args.quiet else sys.stdout, devices=devices)
+                        follow=None if args.quiet else sys.stdout, devices=devices, phases=phases)
     return code
 
 

@@ -223,9 +223,10 @@ def device_request(devices: str | None, spec: LaunchSpec, nproc_fixed_by: str | 
     return request
 
 
-def preflight(cfg: Config, spec: LaunchSpec, deepspeed: Path | None, build_data: bool = True):
+def preflight(cfg: Config, spec: LaunchSpec, deepspeed: Path | None, build_data: bool = True, phases=None):
     """Every check that can fail before a process is started. Raises ConfigError,
-    DataError or LaunchError with a message that says what to change."""
+    DataError or LaunchError with a message that says what to change. ``phases``
+    (``train.phases.Phases``) is told when the data part begins and ends."""
     model = cfg.model.name_or_path
     if model != "demo" and not Path(model).expanduser().exists() and not is_hub_id(model):
         raise ConfigError(f"model.name_or_path {model!r}: no such folder, and not a Hub id like org/name")
@@ -246,7 +247,7 @@ def preflight(cfg: Config, spec: LaunchSpec, deepspeed: Path | None, build_data:
         except Exception as exc:  # noqa: BLE001 - as above
             raise ConfigError(f"--deepspeed needs the deepspeed package ({exc}); pip install deepspeed") from None
     if spec.launcher != "slurm":
-        have, kind = device_count()
+        have, kind = device_count() if spec.nproc_per_node > 1 else (1, "")  # one process fits any machine
         if spec.nproc_per_node > have:
             raise LaunchError(f"NPROC_PER_NODE={spec.nproc_per_node}, but this machine has {have} {kind}")
         if spec.distributed and spec.node_rank == 0 and spec.port is not None and not port_free(spec.port):
@@ -259,9 +260,15 @@ def preflight(cfg: Config, spec: LaunchSpec, deepspeed: Path | None, build_data:
         check_installed(cfg.training.report_to)
     from .train.data import eval_data, training_data, training_tokenizer
 
+    if phases is not None:
+        phases.begin("data_preflight")
+    # the whole pipeline, unpacked: its errors now, not in the ranks, and the datasets cache is filled, so
+    # the ranks read the encoded rows back (their data phase) and only pack them
     tokenizer = training_tokenizer(cfg)
     _, report = training_data(cfg, tokenizer, pack=False)
-    eval_data(cfg, tokenizer, pack=False)  # its errors now, not in the ranks; and the datasets cache is filled
+    eval_data(cfg, tokenizer, pack=False)
+    if phases is not None:
+        phases.end()
     return report
 
 
@@ -438,10 +445,11 @@ def take_devices(rd: RunDir, cfg: Config, request: leases.DeviceRequest) -> leas
 
 def run(cfg: Config, spec: LaunchSpec, *, deepspeed: Path | None = None, run_dir: Path | None = None,
         resume: Path | None = None, follow=sys.stdout, work_root: str = "work_dirs",
-        devices: leases.DeviceRequest | None = None) -> tuple[int, Path]:
+        devices: leases.DeviceRequest | None = None, phases=None) -> tuple[int, Path]:
     """Start this node's ranks on ``devices`` (``device_request``; None: no lease, e.g. under Slurm), waiting
     in the work directory's queue while they are busy, and wait for the ranks. Returns (exit code, run_dir);
-    the code returned is the one recorded in status.json."""
+    the code returned is the one recorded in status.json. ``phases``: this launcher's (``train.phases``);
+    its time in the queue is added, and status.json gets them with the ranks' own."""
     rd = RunDir(run_dir or default_run_dir(cfg, spec, work_root))
     owner = spec.node_rank == 0 and int(os.environ.get("SLURM_PROCID", "0")) == 0
     claim(rd, spec, resume, owner)
@@ -450,19 +458,24 @@ def run(cfg: Config, spec: LaunchSpec, *, deepspeed: Path | None = None, run_dir
         if not os.environ.get(QUEUED_ENV):  # a queued run's stop request is for this very attempt: keep it
             rd.clear_stop()
         if devices is not None:
+            if phases is not None:
+                phases.begin("queued")
             lease = take_devices(rd, cfg, devices)
+            if phases is not None:
+                phases.end()
             if lease is None:  # asked to stop while it waited for its devices
                 rd.end("aborted", ABORTED_EXIT, None)
                 return ABORTED_EXIT, rd.path
     try:
-        return _run_ranks(rd, cfg, spec, deepspeed, resume, follow, owner, devices, lease)
+        return _run_ranks(rd, cfg, spec, deepspeed, resume, follow, owner, devices, lease, phases)
     finally:
         if lease is not None:
             lease.release()
 
 
 def _run_ranks(rd: RunDir, cfg: Config, spec: LaunchSpec, deepspeed: Path | None, resume: Path | None, follow,
-               owner: bool, devices: leases.DeviceRequest | None, lease: leases.Lease | None) -> tuple[int, Path]:
+               owner: bool, devices: leases.DeviceRequest | None, lease: leases.Lease | None,
+               phases=None) -> tuple[int, Path]:
     if spec.distributed and spec.launcher != "slurm" and spec.port is None:
         spec.port = free_port()  # chosen now, not before a wait in the queue
     if owner:
@@ -470,6 +483,8 @@ def _run_ranks(rd: RunDir, cfg: Config, spec: LaunchSpec, deepspeed: Path | None
         if rd.stop_requested():  # aborted while it was queued
             rd.end("aborted", ABORTED_EXIT, None)
             return ABORTED_EXIT, rd.path
+    if phases is not None:
+        phases.end()  # the launcher's own part ends where the ranks begin
     cmd = build_command(spec, rd.path, deepspeed, resume)
     extra_env = devices.child_env(lease.devices) if devices is not None and lease is not None else {}
     printable = " ".join(cmd)
@@ -500,11 +515,28 @@ def _run_ranks(rd: RunDir, cfg: Config, spec: LaunchSpec, deepspeed: Path | None
     if not owner:
         return _exit_code(proc.returncode), rd.path
     state, code, error = outcome(rd, proc.returncode, stop.asked)
-    rd.end(state, code, error)
+    timings = _phase_fields(rd, phases)
+    rd.end(state, code, error, **timings)
     if follow is not None:
         follow.write(f"run {state} (exit code {code}): {rd.path}\n" + (f"error: {error}\n" if error else ""))
+        if timings.get("launcher_phases"):
+            from .train.phases import format_phases
+
+            follow.write(format_phases(timings["launcher_phases"], prefix="launcher phases") + "\n")
         follow.flush()
     return code, rd.path
+
+
+def _phase_fields(rd: RunDir, phases) -> dict:
+    """status.json's ``phases`` (rank 0's, from result.json: imports, data, model load, steps, save)
+    and ``launcher_phases`` (this launcher's preflight, data preflight, queue)."""
+    fields = {}
+    ranks = rd.result().get("phases")
+    if isinstance(ranks, dict):
+        fields["phases"] = ranks
+    if phases is not None:
+        fields["launcher_phases"] = {**phases.seconds, "total": phases.total}
+    return fields
 
 
 def _record_start(rd: RunDir, cfg: Config, spec: LaunchSpec, cmd: list[str], proc, resume: Path | None,

@@ -1,25 +1,32 @@
-"""Training throughput: packed vs padded batches vs a plain-Trainer baseline.
+"""Training throughput: ours (packed, padded) against plain Trainer and against a
+hand-written loop on the same batches.
 
 Settings from the training issue: LoRA r=8 on every linear layer, max_length
-512, micro-batch 4, one process, fp32 and bf16, on (a) a 4.2M-parameter Llama
-(hidden 256, 4 layers, intermediate 688, vocab 2000) and (b) a ~30M one,
-trained on real alpaca data (../shared/data) with a 2,000-token byte-level
-BPE tokenizer trained on that data. Each configuration runs in its own
-process (so peak RSS is its own) and prints:
+512 (``--max-length``), micro-batch 4, one process, fp32 and bf16, on (a) a
+4.2M-parameter Llama (hidden 256, 4 layers, intermediate 688, vocab 2000), (b)
+a ~30M one, or ``--hidden 1024`` (4 layers; compute-bound), trained on real
+alpaca data (../shared/data) with a 2,000-token byte-level BPE tokenizer
+trained on that data. Each configuration runs in its own process (so peak RSS
+is its own) and prints:
 
-- tokens/s of real (non-padding) tokens, measured over steps after warm-up;
-- padding fraction of the batches;
-- peak RSS;
-- MFU: model FLOPs per real token x tokens/s, over this CPU's matmul peak
-  measured in the same run (2048x2048 matmul, same precision, same threads).
+- tokens/s of real (non-padding) tokens and ms per step, after warm-up;
+- the ratio to plain Trainer ("vs base") and to the hand-written loop ("vs
+  loop": the framework-overhead ceiling, checkable on any machine);
+- padding fraction of the batches; peak RSS;
+- the matmul peak measured in the same process (2048x2048, same precision,
+  same threads) and MFU against it: model FLOPs of the real tokens (linear
+  layers + the causal attention each sample really needs) per second.
 
-The baseline is what a user writes by hand: ``transformers.Trainer`` on
-unpacked samples with ``DataCollatorForSeq2Seq`` (padding), the model's own
-loss over all positions. "ours padded" adds length grouping and the
-labeled-only LM head; "ours packed" packs samples into 512-token blocks with
-the block-diagonal mask (no attention across samples).
+Variants. baseline: ``transformers.Trainer`` on unpacked samples with
+``DataCollatorForSeq2Seq``, the model's own loss over all positions.
+ours_padded: length grouping and the labeled-only LM head. ours_packed_mask:
+samples packed into blocks, kept apart by a 4-D block-diagonal mask (sdpa:
+T² attention per block). ours_packed: the same blocks flattened, attention
+per sample (backend/train/attention.py: Σ nᵢ²). hand_loop: ours_packed's
+batches (from the same dataloader) and math in a bare PyTorch loop.
 
-    python bench/bench_train.py [--steps 12] [--models a,b] [--precisions fp32,bf16] [--profile]
+    python bench/bench_train.py [--steps 12] [--models a,b | --hidden 1024] [--max-length 512]
+        [--precisions fp32,bf16] [--variants ...] [--profile]
 """
 
 from __future__ import annotations
@@ -44,7 +51,20 @@ MODELS = {
     "b": dict(hidden_size=512, num_hidden_layers=8, intermediate_size=1376, num_attention_heads=8,
               num_key_value_heads=8),
 }
-VARIANTS = ("baseline", "ours_padded", "ours_packed")
+# baseline: plain Trainer + DataCollatorForSeq2Seq; ours_padded: length grouping + labeled-only head;
+# ours_packed_mask: packed blocks, 4-D block-diagonal mask, sdpa; ours_packed: packed, flattened,
+# per-sample SDPA (backend/train/attention.py); hand_loop: ours_packed's batches and math in a bare loop
+VARIANTS = ("baseline", "ours_padded", "ours_packed_mask", "ours_packed", "hand_loop")
+PACKED = ("ours_packed_mask", "ours_packed", "hand_loop")
+
+
+def model_dims(key: str) -> dict:
+    """A named model, or "h<N>": hidden N, 4 layers, heads of 64, a Llama-shaped MLP."""
+    if key in MODELS:
+        return MODELS[key]
+    hidden = int(key.lstrip("h"))
+    return dict(hidden_size=hidden, num_hidden_layers=4, intermediate_size=(hidden * 8 // 3 + 63) // 64 * 64,
+                num_attention_heads=max(1, hidden // 64), num_key_value_heads=max(1, hidden // 64))
 
 
 def build_tokenizer(folder: Path, vocab: int = 2000):
@@ -77,40 +97,128 @@ def matmul_peak(dtype, n=2048, reps=10) -> float:
     return 2 * n**3 * reps / (time.perf_counter() - t)
 
 
-def flops_per_token(cfg, seq_len: int) -> float:
-    """LoRA training FLOPs per token: forward 2N + backward through activations 2N
-    for the linear layers (frozen weights get no weight gradient; LoRA's own
-    is negligible), plus attention scores and values (fwd + bwd = 3x fwd,
-    causal = half)."""
+def linear_flops_per_token(cfg) -> float:
+    """LoRA training FLOPs per token in the linear layers: forward 2N + backward through
+    the activations 2N (frozen weights get no weight gradient; LoRA's own is negligible)."""
     h, L, i, v = cfg.hidden_size, cfg.num_hidden_layers, cfg.intermediate_size, cfg.vocab_size
     kv = h // cfg.num_attention_heads * cfg.num_key_value_heads
-    linear = L * (h * h * 2 + h * kv * 2 + 3 * h * i) + h * v  # q,o + k,v + mlp + head
-    attn = L * 3 * (2 * 2 * seq_len * h) / 2
-    return 4 * linear + attn
+    return 4 * (L * (h * h * 2 + h * kv * 2 + 3 * h * i) + h * v)  # q,o + k,v + mlp + head
 
 
-def one(model_key: str, variant: str, precision: str, steps: int, warmup: int, workdir: Path, profile: bool):
+def attention_flops(cfg, pairs: int) -> float:
+    """Useful attention FLOPs for ``pairs`` (query, key) pairs a causal sample attends
+    (n(n+1)/2 per sample): scores and values, 2 x 2 x hidden each, fwd + bwd = 3 x fwd.
+    Masked-out pairs of a 4-D block mask are work, not useful FLOPs."""
+    return cfg.num_hidden_layers * 3 * 2 * 2 * cfg.hidden_size * pairs
+
+
+class Counter:
+    """Real tokens, all tokens and causal attention pairs of the batches that steps
+    trained on. Counted where a step takes its batch (``count``), not in the
+    collator: accelerate's dataloader collates one batch ahead, so a count in
+    the collator reset at a step's start misses a batch (a 1/steps error)."""
+
+    def __init__(self):
+        self.real = self.total = self.pairs = 0
+
+    def reset(self):
+        self.real = self.total = self.pairs = 0
+
+    def count(self, batch):
+        mask = batch.get("attention_mask")
+        total = batch["input_ids"].numel()
+        real = int(batch["num_tokens"]) if "num_tokens" in batch else int(mask.sum())
+        if "cu_seq_lens_q" in batch:  # flattened packed row
+            cu = batch["cu_seq_lens_q"].tolist()
+            pairs = sum((b - a) * (b - a + 1) // 2 for a, b in zip(cu, cu[1:]))
+        elif mask.dim() == 4:  # block mask: allowed pairs, less the padding rows' self-attention
+            pairs = int(mask.sum()) - (total - real)
+        else:  # padded rows
+            pairs = sum(n * (n + 1) // 2 for n in mask.sum(1).tolist())
+        self.real, self.total, self.pairs = self.real + real, self.total + total, self.pairs + pairs
+
+
+def build(model_key: str, variant: str, max_length: int, workdir: Path, dropout: float = 0.0):
+    """(tokenizer, dataset, LoRA model, collator, parameter count) for one variant. ``dropout``: LoRA dropout,
+    peft's own for the baseline, ours (``lora_dropout.install``: on the rank-r activation) for the rest."""
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import (AutoTokenizer, DataCollatorForSeq2Seq, LlamaConfig, LlamaForCausalLM, Trainer,
-                              TrainerCallback, TrainingArguments)
+    from transformers import AutoTokenizer, DataCollatorForSeq2Seq, LlamaConfig, LlamaForCausalLM
 
     from backend.data import build_dataset
+    from backend.train.attention import register
     from backend.train.collate import PackedCollator, PaddedCollator
-    from backend.train.trainer import StudioTrainer
 
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(workdir / "tokenizer")
-    packed = variant == "ours_packed"
-    data, report = build_dataset(SHARED / "data" / "alpaca" / "alpaca_en_demo.json", tokenizer=tok,
-                                 template="qwen_chat", max_length=512, pack=packed, seed=0)
-    cfg = LlamaConfig(vocab_size=len(tok), max_position_embeddings=1024, tie_word_embeddings=False,
-                      pad_token_id=tok.pad_token_id, **MODELS[model_key])
+    packed = variant in PACKED
+    data, _ = build_dataset(SHARED / "data" / "alpaca" / "alpaca_en_demo.json", tokenizer=tok,
+                            template="qwen_chat", max_length=max_length, pack=packed, seed=0)
+    cfg = LlamaConfig(vocab_size=len(tok), max_position_embeddings=max(1024, max_length), tie_word_embeddings=False,
+                      pad_token_id=tok.pad_token_id, **model_dims(model_key))
     model = LlamaForCausalLM(cfg)
     n_params = sum(p.numel() for p in model.parameters())
-    model.config._attn_implementation = "sdpa"
-    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear",
+    flat = variant in ("ours_packed", "hand_loop")
+    model.config._attn_implementation = register() if flat else "sdpa"
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, target_modules="all-linear",
                                              task_type="CAUSAL_LM"))
+    if variant != "baseline":
+        from backend.train.lora_dropout import install
+
+        install(model, dropout)
+    if variant == "baseline":
+        data = data.remove_columns([c for c in data.column_names if c not in ("input_ids", "labels")])
+        inner = DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100)
+    elif packed:
+        inner = PackedCollator(tok.pad_token_id, mask=None if flat else "bool")
+    else:
+        inner = PaddedCollator(tok.pad_token_id)
+    return tok, data, model, inner, n_params
+
+
+def hand_loop(model, batches, counter: Counter, steps: int, warmup: int, bf16: bool, lr: float) -> float:
+    """The framework-overhead ceiling: the same batches and math as StudioTrainer
+    (labeled-only head, summed CE over the trained tokens, AdamW, clip at 1.0, bf16
+    autocast) in a bare loop. Returns the seconds of the timed steps."""
+    import torch
+    import torch.nn.functional as F
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    base = model.get_base_model()
+    model.train()
+    t0 = None
+    for step in range(warmup + steps):
+        batch = next(batches)
+        if step == warmup:
+            counter.reset()
+            t0 = time.perf_counter()
+        counter.count(batch)
+        labels = batch.pop("labels")
+        select = torch.zeros_like(labels, dtype=torch.bool)
+        select[:, :-1] = labels[:, 1:] != -100
+        targets = labels[:, 1:][select[:, :-1]]
+        keep = {k: v for k, v in batch.items() if k not in ("num_tokens", "item_lens")}
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            hidden = base.model(**keep, use_cache=False).last_hidden_state
+            logits = base.lm_head(hidden[select])
+        loss = F.cross_entropy(logits.float(), targets, reduction="sum") / max(targets.numel(), 1)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return time.perf_counter() - t0
+
+
+def one(model_key: str, variant: str, precision: str, steps: int, warmup: int, workdir: Path, profile: bool,
+        max_length: int = 512, dropout: float = 0.0):
+    import torch
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    from backend.train.trainer import StudioTrainer
+
+    tok, data, model, collator, n_params = build(model_key, variant, max_length, workdir, dropout)
+    counter = Counter()
     bf16 = precision == "bf16"
     args = TrainingArguments(
         output_dir=str(workdir / "out"), per_device_train_batch_size=4, max_steps=steps + warmup,
@@ -119,103 +227,117 @@ def one(model_key: str, variant: str, precision: str, steps: int, warmup: int, w
         train_sampling_strategy="group_by_length" if variant == "ours_padded" else "random",
         length_column_name="length",
     )
-    counts = {"real": 0, "total": 0}
+    clock = {}
 
     class Clock(TrainerCallback):
         def on_step_begin(self, a, state, control, **kw):
             if state.global_step == warmup:
-                counts.update(real=0, total=0)
-                counts["t0"] = time.perf_counter()
+                counter.reset()
+                clock["t0"] = time.perf_counter()
 
         def on_step_end(self, a, state, control, **kw):
-            counts["t1"] = time.perf_counter()
+            clock["t1"] = time.perf_counter()
 
     if variant == "baseline":
-        plain = data.remove_columns([c for c in data.column_names if c not in ("input_ids", "labels")])
-        seq2seq = DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100)
-
-        def collate(features):
-            batch = seq2seq(features)
-            counts["real"] += int(batch["attention_mask"].sum())
-            counts["total"] += batch["input_ids"].numel()
-            return batch
-
-        trainer = Trainer(model=model, args=args, train_dataset=plain, data_collator=collate)
+        trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=collator)
     else:
-        inner = PackedCollator(tok.pad_token_id, mask="bool") if packed else PaddedCollator(tok.pad_token_id)
-
-        def collate(features):
-            batch = inner(features)
-            counts["real"] += int(batch["num_tokens"])
-            counts["total"] += batch["input_ids"].numel()
-            return batch
-
-        trainer = StudioTrainer(model=model, args=args, train_dataset=data, data_collator=collate, labeled_only=True)
+        trainer = StudioTrainer(model=model, args=args, train_dataset=data, data_collator=collator, labeled_only=True)
     trainer.add_callback(Clock())
-    if profile:
+    training_step = trainer.training_step
+
+    def counted_step(model, inputs, *a, **kw):
+        counter.count(inputs)
+        return training_step(model, inputs, *a, **kw)
+
+    trainer.training_step = counted_step
+    if variant == "hand_loop":  # Trainer only hands out its batches: the same order as ours_packed's
+        seconds = hand_loop(model, iter(trainer.get_train_dataloader()), counter, steps, warmup, bf16, 1e-4)
+    elif profile:
         from torch.profiler import ProfilerActivity, profile as prof
 
         with prof(activities=[ProfilerActivity.CPU]) as p:
             trainer.train()
         print(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=15), file=sys.stderr)
+        seconds = clock["t1"] - clock["t0"]
     else:
         trainer.train()
-    seconds = counts["t1"] - counts["t0"]
-    dtype = torch.bfloat16 if bf16 else torch.float32
-    tps = counts["real"] / seconds
-    peak = matmul_peak(dtype)
+        seconds = clock["t1"] - clock["t0"]
+    tps = counter.real / seconds
+    peak = matmul_peak(torch.bfloat16 if bf16 else torch.float32)
+    flops = linear_flops_per_token(model.get_base_model().config) * counter.real \
+        + attention_flops(model.get_base_model().config, counter.pairs)
     return {
         "model": model_key, "params": n_params, "variant": variant, "precision": precision,
-        "tokens_per_s": tps, "padding": 1 - counts["real"] / counts["total"],
+        "tokens_per_s": tps, "ms_per_step": 1000 * seconds / steps, "padding": 1 - counter.real / counter.total,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "mfu": flops_per_token(cfg, 512 if packed else 256) * tps / peak, "peak_gflops": peak / 1e9,
+        "mfu": flops / seconds / peak, "peak_gflops": peak / 1e9,
     }
+
+
+def row(r: dict, base: float | None, loop: float | None) -> str:
+    ratio = lambda ref: f"{r['tokens_per_s'] / ref:7.2f}x" if ref else "       -"  # noqa: E731
+    name = f"{r['model']} {r['params'] / 1e6:.1f}M"
+    return (f"{name:<12}{r['precision']:<6}{r['variant']:<17}{r['tokens_per_s']:9.0f}{r['ms_per_step']:9.0f}"
+            f"{ratio(base):>9}{ratio(loop):>9}{100 * r['padding']:8.1f}%{r['peak_rss_mb']:8.0f}"
+            f"{r['peak_gflops']:9.0f}{100 * r['mfu']:7.1f}%")
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--models", default="a,b")
+    ap.add_argument("--models", default="a,b", help="a, b, or h<N> (hidden N, 4 layers)")
+    ap.add_argument("--hidden", type=int, default=None,
+                    help="run one model of this hidden size instead of --models (1024: compute-bound)")
+    ap.add_argument("--max-length", type=int, default=512, help="block / truncation length")
     ap.add_argument("--precisions", default="fp32,bf16")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--profile", action="store_true", help="print where the time goes (torch.profiler)")
+    ap.add_argument("--lora-dropout", type=float, default=0.0,
+                    help="LoRA dropout (peft's for the baseline, ours for the rest; the recipes' default is 0.1)")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
         model_key, variant, precision = args.one.split(":")
-        res = one(model_key, variant, precision, args.steps, args.warmup, Path(args.workdir), args.profile)
+        res = one(model_key, variant, precision, args.steps, args.warmup, Path(args.workdir), args.profile,
+                  args.max_length, args.lora_dropout)
         print("RESULT " + json.dumps(res))
         return
+    models = [f"h{args.hidden}"] if args.hidden else args.models.split(",")
     workdir = Path(tempfile.mkdtemp(prefix="bench_train_"))
     build_tokenizer(workdir / "tokenizer")
     env = {**os.environ, "HF_DATASETS_CACHE": str(workdir / "hf"), "TOKENIZERS_PARALLELISM": "false"}
-    print(f"LoRA r=8 all-linear, max_length 512, micro-batch 4, 1 process, {args.steps} timed steps "
-          f"after {args.warmup} warm-up, alpaca_en_demo, 2000-token BPE")
-    print(f"{'model':<6}{'prec':<6}{'variant':<13}{'tok/s':>9}{'vs base':>9}{'padding':>9}{'RSS MB':>9}{'MFU':>8}")
-    for model_key in args.models.split(","):
+    print(f"LoRA r=8 all-linear, dropout {args.lora_dropout}, max_length {args.max_length}, micro-batch 4, 1 process, {args.steps} timed steps "
+          f"after {args.warmup} warm-up, alpaca_en_demo, 2000-token BPE; load average "
+          + " ".join(f"{x:.2f}" for x in os.getloadavg()))
+    print(f"{'model':<12}{'prec':<6}{'variant':<17}{'tok/s':>9}{'ms/step':>9}{'vs base':>9}{'vs loop':>9}"
+          f"{'padding':>9}{'RSS MB':>8}{'peak GF':>9}{'MFU':>8}")
+    for model_key in models:
         for precision in args.precisions.split(","):
-            base = None
+            results = {}
             for variant in args.variants.split(","):
                 cmd = [sys.executable, __file__, "--one", f"{model_key}:{variant}:{precision}", "--workdir",
-                       str(workdir), "--steps", str(args.steps), "--warmup", str(args.warmup)]
+                       str(workdir), "--steps", str(args.steps), "--warmup", str(args.warmup),
+                       "--max-length", str(args.max_length), "--lora-dropout", str(args.lora_dropout)]
                 if args.profile and variant == "ours_packed":
                     cmd.append("--profile")
                 out = subprocess.run(cmd, capture_output=True, text=True, env=env)
                 line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
                 if line is None:
-                    print(f"{model_key:<6}{precision:<6}{variant:<13} failed:\n{out.stderr[-2000:]}")
+                    print(f"{model_key:<12}{precision:<6}{variant:<17} failed:\n{out.stderr[-2000:]}")
                     continue
                 if args.profile and variant == "ours_packed":
                     print(out.stderr[-6000:])
-                r = json.loads(line[7:])
-                base = r["tokens_per_s"] if variant == "baseline" else base
-                ratio = f"{r['tokens_per_s'] / base:8.2f}x" if base else "       -"
-                print(f"{model_key + ' ' + str(round(r['params'] / 1e6, 1)) + 'M':<6}{precision:<6}{variant:<13}"
-                      f"{r['tokens_per_s']:9.0f}{ratio:>9}{100 * r['padding']:8.1f}%{r['peak_rss_mb']:9.0f}"
-                      f"{100 * r['mfu']:7.1f}%", flush=True)
-    print("(MFU: model FLOPs per real token = 4 x linear params + attention, over the measured matmul peak)")
+                results[variant] = json.loads(line[7:])
+            base = results.get("baseline", {}).get("tokens_per_s")
+            loop = results.get("hand_loop", {}).get("tokens_per_s")
+            for r in results.values():
+                print(row(r, base, loop), flush=True)
+    print("(vs base: over plain Trainer + DataCollatorForSeq2Seq; vs loop: over hand_loop, the same batches in a "
+          "bare loop. MFU: 4 x linear params per real token + useful causal attention, over 'peak GF', a "
+          "2048x2048 matmul timed in the same process at the same precision; load average at the end "
+          + " ".join(f"{x:.2f}" for x in os.getloadavg()) + ")")
 
 
 if __name__ == "__main__":

@@ -32,6 +32,20 @@ def assert_learned(run_dir, min_drop=0.5):
     return rows
 
 
+def assert_phases(run_dir, st, launcher_output):
+    """Where the run's time went: rank 0's line in train.log (echoed by the launcher), its seconds in
+    status.json, the launcher's own; neither bitsandbytes nor DeepSpeed loaded by a run that uses neither."""
+    line = next(t for t in (run_dir / "train.log").read_text().splitlines() if t.startswith("phases: "))
+    assert line in launcher_output and "launcher phases: preflight " in launcher_output
+    for phase in ("imports", "data", "model load", "steps", "save", "samples"):
+        assert f" {phase} " in line, line
+    phases = st["phases"]
+    assert {"imports", "data", "model_load", "steps", "save", "samples", "total"} <= set(phases)
+    assert phases["imports"] > 0 and phases["steps"] > 0 and phases["total"] >= phases["steps"]
+    assert phases["optional_imports"] == [], phases
+    assert {"preflight", "data_preflight", "queued"} <= set(st["launcher_phases"])
+
+
 # LoRA needs a base that has learned something: on the tiny random model the
 # adapters only reach the unigram plateau, so LoRA/QLoRA train the real
 # stories260K model; full fine-tuning trains the tiny local model.
@@ -45,6 +59,7 @@ def test_train_one_process(tmp_path, tiny_model, method):
     assert "step 1/" in out.stdout  # the log is echoed while it runs
     st = status(run_dir)
     assert st["state"] == "finished" and st["exit_code"] == 0 and st["ended"]
+    assert_phases(run_dir, st, out.stdout)
     rows = assert_learned(run_dir)
     steps = [s for s, _ in RunDir(run_dir).iters()]
     assert steps[-1] == rows[-1]["step"] and len(steps) <= 2  # save_total_limit 2

@@ -171,15 +171,19 @@ class RunDir:
             raise RunFolderError(f"{self.path}: cannot go from {current} to {state}")
         return self.write_status(state=state, ended=None, exit_code=None, error=None, **fields)
 
-    def end(self, state: str, exit_code: int, error: str | None = None) -> dict:
+    def end(self, state: str, exit_code: int, error: str | None = None, **fields) -> dict:
         if state not in ENDED:
             raise ValueError(f"not an end state: {state}")
-        return self.write_status(state=state, ended=now(), exit_code=exit_code, error=error)
+        return self.write_status(state=state, ended=now(), exit_code=exit_code, error=error, **fields)
 
     # --- result (written by rank 0) and stop requests ---------------------------------
 
-    def write_result(self, state: str, error: str | None, exit_code: int) -> None:
-        self._write(RESULT, {"state": state, "error": error, "exit_code": exit_code, "time": time.time()})
+    def write_result(self, state: str, error: str | None, exit_code: int, phases: dict | None = None) -> None:
+        """``phases``: rank 0's seconds per phase (``backend.train.phases``), kept with the result."""
+        record = {"state": state, "error": error, "exit_code": exit_code, "time": time.time()}
+        if phases:
+            record["phases"] = phases
+        self._write(RESULT, record)
 
     def result(self) -> dict:
         return read_json(self.path / RESULT)
@@ -369,6 +373,7 @@ def _record_end(run: RunDir) -> dict:
     if status.get("state") not in ACTIVE:
         return status
     result = run.result()
+    extra = {"phases": result["phases"]} if isinstance(result.get("phases"), dict) else {}
     if status["state"] == "running" and result.get("state") in ENDED:
         state, code, error = result_outcome(result)
     elif status["state"] == "queued" and run.stop_requested():
@@ -381,7 +386,7 @@ def _record_end(run: RunDir) -> dict:
         error = ("the launcher and the workers are gone without a result (killed with SIGKILL, out of memory, "
                  "or the machine restarted); resume from the last checkpoint")
     try:
-        return run.end(state, code, error)
+        return run.end(state, code, error, **extra)
     except OSError:
         return {**status, "state": state, "exit_code": code, "error": error}
 

@@ -28,7 +28,7 @@ call into the Rust tokenizer, which is where almost all the time goes.
 
 from __future__ import annotations
 
-from itertools import chain
+from itertools import chain, islice
 from typing import Sequence
 
 import numpy as np
@@ -128,7 +128,7 @@ def encode_batch(conversations: Sequence[list[dict]], tokenizer, template, max_l
     2 nothing left to train on): a dict of lists, or a ``pyarrow.Table``."""
     template = get_template(template)
     if template.uses_tokenizer_chat_template:
-        flat = _Flat.from_rows([encode_chat_template(c, tokenizer, max_length) for c in conversations])
+        flat = _encode_chat_batch(conversations, tokenizer, max_length)
     else:
         flat = _encode_flat(conversations, tokenizer, template, max_length)
     return flat.to_arrow() if as_arrow else flat.to_columns()
@@ -140,17 +140,6 @@ class _Flat:
     def __init__(self, ids, labels, lengths, truncated, dropped):
         self.ids, self.labels, self.lengths = ids, labels, lengths
         self.truncated, self.dropped = truncated, dropped
-
-    @classmethod
-    def from_rows(cls, rows):
-        lengths = np.fromiter((len(r[0]) for r in rows), dtype=np.int64, count=len(rows))
-        return cls(
-            np.fromiter(chain.from_iterable(r[0] for r in rows), dtype=np.int32, count=int(lengths.sum())),
-            np.fromiter(chain.from_iterable(r[1] for r in rows), dtype=np.int32, count=int(lengths.sum())),
-            lengths,
-            np.array([r[2] for r in rows], dtype=bool),
-            np.array([r[3] for r in rows], dtype=np.int8),
-        )
 
     def offsets(self):
         return np.concatenate([[0], np.cumsum(self.lengths)]).astype(np.int32)
@@ -228,7 +217,15 @@ def _encode_flat(conversations, tokenizer, template: Template, max_length) -> _F
                 pieces.append(ids[sep_at])
                 trained.append(False)
             owner.extend([n] * (len(pieces) - len(owner)))
-    n_samples = len(plan)
+    empty = np.fromiter((not t for t in plan), dtype=bool, count=len(plan))
+    return _assemble(pieces, trained, owner, empty, max_length)
+
+
+def _assemble(pieces, trained, owner, empty, max_length) -> _Flat:
+    """Token pieces in sample order (``owner``: each piece's sample, ``trained``: its loss flag) ->
+    flat ids and labels, cut at ``max_length``, each sample counted and classified (``empty``:
+    samples with no turn at all). numpy over the flat token stream, no per-token Python."""
+    n_samples = len(empty)
     piece_len = np.fromiter(map(len, pieces), dtype=np.int64, count=len(pieces))
     total = int(piece_len.sum())
     flat_ids = np.fromiter(chain.from_iterable(pieces), dtype=np.int32, count=total)
@@ -246,22 +243,8 @@ def _encode_flat(conversations, tokenizer, template: Template, max_length) -> _F
     trained_count = np.bincount(token_owner[flat_labels != IGNORE_INDEX], minlength=n_samples)
     dropped = np.full(n_samples, KEPT, dtype=np.int8)
     dropped[trained_count == 0] = DROP_NO_LOSS
-    dropped[np.fromiter((not t for t in plan), dtype=bool, count=n_samples)] = DROP_EMPTY
+    dropped[empty] = DROP_EMPTY
     return _Flat(flat_ids, flat_labels.astype(np.int32), lengths, truncated, dropped)
-
-
-def _finish(input_ids, labels, max_length, empty=False):
-    """Truncate and classify one sample (the chat-template path)."""
-    truncated = max_length is not None and len(input_ids) > max_length
-    if truncated:
-        input_ids, labels = input_ids[:max_length], labels[:max_length]
-    if empty:
-        dropped = DROP_EMPTY
-    elif all(label == IGNORE_INDEX for label in labels):
-        dropped = DROP_NO_LOSS
-    else:
-        dropped = KEPT
-    return input_ids, labels, truncated, dropped
 
 
 def to_messages(conversation: list[dict]) -> list[dict]:
@@ -277,57 +260,95 @@ def to_messages(conversation: list[dict]) -> list[dict]:
 
 
 def encode_chat_template(conversation: list[dict], tokenizer, max_length: int | None = None):
-    """Render with the tokenizer's chat_template; train only what assistant turns add."""
-    if not getattr(tokenizer, "chat_template", None):
-        raise DataError(
-            "template 'hf_chat_template' needs a tokenizer with a chat_template; this one has none. "
-            "Pick a named template (ftstudio list-template)."
-        )
-    if not conversation:
-        return _finish([], [], max_length, empty=True)
-    messages = to_messages(conversation)
+    """Render with the tokenizer's chat_template; train only what assistant turns add.
+    One conversation -> (input_ids, labels, truncated, dropped); ``_encode_chat_batch`` does a batch."""
+    flat = _encode_chat_batch([conversation], tokenizer, max_length)
+    return flat.ids.tolist(), flat.labels.tolist(), bool(flat.truncated[0]), int(flat.dropped[0])
 
-    def render(msgs, gen):
-        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
 
-    text = render(messages, False)
-    spans = []  # (start, end, trained) of each assistant part of ``text``
-    turn_i = 0
-    for k, msg in enumerate(messages):
+def _render_chats(tokenizer, chats: list[list[dict]], add_generation_prompt: bool) -> list[str]:
+    """Many conversations through the chat template in one call (its per-call set-up, the special
+    tokens map and the compiled template look-up, is paid once a batch, not three times a row)."""
+    if not chats:
+        return []
+    return list(tokenizer.apply_chat_template(chats, tokenize=False, add_generation_prompt=add_generation_prompt))
+
+
+def _chat_spans(conversation: list[dict], messages: list[dict], text: str, prompts, uptos):
+    """(start, end, trained) of each assistant part of ``text``: what its message adds to the
+    prompt rendered before it with ``add_generation_prompt``."""
+    spans = []
+    turns = iter(conversation)
+    for msg in messages:
         if msg["role"] != "assistant":
             continue
-        prompt = render(messages[:k], True)
-        upto = render(messages[: k + 1], False)
+        prompt, upto = next(prompts), next(uptos)
         if not (upto.startswith(prompt) and text.startswith(upto)):
             raise DataError(
                 "this tokenizer's chat_template does not render conversations prefix by prefix "
                 "(an earlier turn changes when a later one is added), so the assistant's part "
                 "cannot be located; use a named template instead"
             )
-        spans.append((len(prompt), len(upto.rstrip()), conversation[turn_i].get("output_with_loss", True) is not False))
-        turn_i += 1
-    return _finish(*_tokenize_parts(text, spans, tokenizer), max_length)
+        spans.append((len(prompt), len(upto.rstrip()), next(turns).get("output_with_loss", True) is not False))
+    return spans
 
 
-def _tokenize_parts(text: str, spans: list[tuple[int, int, bool]], tokenizer) -> tuple[list[int], list[int]]:
-    """Prompt and answer parts tokenized apart (as XTuner does, and as ``generation_prompt`` tokenizes a
-    prompt at inference), so no token straddles a border: tokenized whole, BPE merges a prompt's trailing
-    space with the answer's first letter (``"Assistant: " + "Do"`` -> ``" D"``, ``"o"``), and that token
-    would be neither the prompt the model sees at inference nor a trained answer token."""
-    parts, trained, pos = [], [], 0
+def _encode_chat_batch(conversations: Sequence[list[dict]], tokenizer, max_length) -> _Flat:
+    """``hf_chat_template`` for a batch: every conversation, and every prefix of it up to an assistant
+    message (with and without the generation prompt; the prefix that is the whole conversation is not
+    rendered twice), in three template calls; then prompt and answer parts tokenized apart
+    (``_chat_parts``) in one call into the Rust tokenizer. Rendering (jinja's sandbox) and tokenizing
+    are about all the time this takes."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError(
+            "template 'hf_chat_template' needs a tokenizer with a chat_template; this one has none. "
+            "Pick a named template (ftstudio list-template)."
+        )
+    messages = [to_messages(c) if c else [] for c in conversations]
+    whole, prompts, uptos = [], [], []
+    for msgs in messages:
+        if msgs:
+            whole.append(msgs)
+        for k, msg in enumerate(msgs):
+            if msg["role"] == "assistant":
+                prompts.append(msgs[:k])
+                if k + 1 < len(msgs):
+                    uptos.append(msgs[: k + 1])
+    texts = iter(_render_chats(tokenizer, whole, False))
+    prompt_texts = iter(_render_chats(tokenizer, prompts, True))
+    upto_texts = iter(_render_chats(tokenizer, uptos, False))
+    parts, trained, owner = [], [], []
+    for n, (conversation, msgs) in enumerate(zip(conversations, messages)):
+        if not msgs:
+            continue
+        text = next(texts)
+        # the prefix up to the last message is the whole text, rendered once
+        ends = chain(islice(upto_texts, _count_assistant(msgs[:-1])), [text] if msgs[-1]["role"] == "assistant" else [])
+        for part, loss in _chat_parts(text, _chat_spans(conversation, msgs, text, prompt_texts, iter(ends))):
+            parts.append(part)
+            trained.append(loss)
+            owner.append(n)
+    pieces = _tokenize_many(tokenizer, parts) if parts else []
+    empty = np.fromiter((not m for m in messages), dtype=bool, count=len(messages))
+    return _assemble(pieces, trained, owner, empty, max_length)
+
+
+def _count_assistant(messages: list[dict]) -> int:
+    return sum(m["role"] == "assistant" for m in messages)
+
+
+def _chat_parts(text: str, spans: list[tuple[int, int, bool]]) -> list[tuple[str, bool]]:
+    """``text`` cut into its prompt and answer parts, each with its loss flag, to be tokenized apart
+    (as XTuner does, and as ``generation_prompt`` tokenizes a prompt at inference), so no token
+    straddles a border: tokenized whole, BPE merges a prompt's trailing space with the answer's first
+    letter (``"Assistant: " + "Do"`` -> ``" D"``, ``"o"``), and that token would be neither the prompt
+    the model sees at inference nor a trained answer token."""
+    parts, pos = [], 0
     for start, end, loss in spans:
-        parts += [text[pos:start], text[start:end]]
-        trained += [False, loss]
+        parts += [(text[pos:start], False), (text[start:end], loss)]
         pos = end
-    parts.append(text[pos:])
-    trained.append(False)
-    kept = [(p, t) for p, t in zip(parts, trained) if p]
-    encoded = tokenizer([p for p, _ in kept], add_special_tokens=False)["input_ids"] if kept else []
-    input_ids, labels = [], []
-    for ids, (_, loss) in zip(encoded, kept):
-        input_ids += ids
-        labels += ids if loss else [IGNORE_INDEX] * len(ids)
-    return input_ids, labels
+    parts.append((text[pos:], False))
+    return [(p, t) for p, t in parts if p]
 
 
 def encode(conversation: list[dict], tokenizer, template, max_length: int | None = None) -> dict:

@@ -24,6 +24,7 @@ from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArgu
 from ..config import Config, ConfigError, from_dict
 from ..core.artifacts import iter_name, save_iter
 from ..core.rundir import RunDir, checkpoint_step
+from .attention import SEGMENT_SDPA, register
 from .collate import PackedCollator, PaddedCollator
 from .evaluation import answer_prompts, labeled_logits, sample_prompts, token_weighted_loss
 
@@ -83,7 +84,12 @@ def resolve_dtype(name: str) -> torch.dtype:
     return getattr(torch, TORCH_DTYPES[name])
 
 
-def resolve_attention(name: str) -> str:
+def resolve_attention(name: str, packed: bool = False) -> str:
+    """The attention kernel for ``model.attn_implementation``. auto: flash-attention
+    on CUDA where installed (varlen for packed rows); packed data on a CPU gets
+    per-sample SDPA (``attention.py``: Σ nᵢ² instead of a masked T² block); else sdpa."""
+    if name == SEGMENT_SDPA:
+        return register()
     if name != "auto":
         return name
     if torch.cuda.is_available():
@@ -93,7 +99,8 @@ def resolve_attention(name: str) -> str:
             return "flash_attention_2"
         except ImportError:
             pass
-    return "sdpa"
+        return "sdpa"
+    return register() if packed else "sdpa"
 
 
 # --- model -----------------------------------------------------------------------------
@@ -155,7 +162,11 @@ def load_model(cfg: Config, model_path: str, dtype: torch.dtype, attn: str, toke
         target_modules=cfg.lora.target_modules, bias=cfg.lora.bias, task_type="CAUSAL_LM",
         trainable_token_indices=new_token_rows(model, new_rows) or None,
     )
-    return get_peft_model(model, lora)
+    model = get_peft_model(model, lora)
+    from .lora_dropout import install  # dropout on the rank-r activation, adapters in the activations' dtype
+
+    install(model, cfg.lora.dropout)
+    return model
 
 
 def new_token_rows(model, ids: list[int]) -> dict[str, list[int]]:
@@ -233,29 +244,53 @@ class StudioTrainer(Trainer):
         self.labeled_only = labeled_only
         self.tokens_since_step = 0  # this rank's trained-input tokens since the last optimizer step
         self._select = None
+        self._head_hidden = None  # "deferred": the pre-hook parks the head's input here, the loss runs the head
+        self.head = None
+        self.seconds = {"save": 0.0, "samples": 0.0}  # spent saving checkpoints / answering eval prompts
         if labeled_only:
-            head = self.accelerator.unwrap_model(self.model).get_output_embeddings()
-            head.register_forward_pre_hook(self._keep_labeled_positions)
+            self.head = self.accelerator.unwrap_model(self.model).get_output_embeddings()
+            self.head.register_forward_pre_hook(self._keep_labeled_positions)
 
     def _keep_labeled_positions(self, module, args):
         if self._select is None:
             return None
-        hidden = args[0]
-        return (hidden[self._select],) + tuple(args[1:])
+        hidden = args[0][self._select]
+        if self._head_hidden == "deferred":  # the model's own head call computes nothing (0 rows)
+            self._head_hidden, hidden = hidden, hidden[:0]
+        return (hidden,) + tuple(args[1:])
+
+    def labeled_loss(self, model, inputs) -> tuple[torch.Tensor, int]:
+        """(summed loss over the trained positions, their count). Small batches run the
+        head inside the model; large ones (tokens x vocab over linear_ce.CHUNK_ELEMENTS)
+        take the head's input out and run head + loss in chunks (linear_ce.py)."""
+        from transformers.integrations import is_deepspeed_zero3_enabled
+
+        from .linear_ce import choose_kernel, linear_cross_entropy
+
+        tokens = int((inputs["labels"][:, 1:] != -100).sum())
+        kernel = choose_kernel(self.head, tokens, inputs["labels"].device, zero3=is_deepspeed_zero3_enabled())
+        self._head_hidden = None if kernel == "plain" else "deferred"
+        try:
+            logits, targets, _ = labeled_logits(self, model, inputs)
+            hidden = self._head_hidden
+        finally:
+            self._head_hidden = None
+        if kernel == "plain":
+            return F.cross_entropy(logits.float(), targets, reduction="sum"), targets.numel()
+        return linear_cross_entropy(hidden, self.head, targets, kernel=kernel), targets.numel()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         self.tokens_since_step += int(inputs.pop("num_tokens"))
         inputs.pop("item_lens", None)
         if not self.labeled_only or return_outputs:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        logits, targets, _ = labeled_logits(self, model, inputs)
-        loss = F.cross_entropy(logits.float(), targets, reduction="sum")
+        loss, count = self.labeled_loss(model, inputs)
         if num_items_in_batch is not None:
             loss = loss / num_items_in_batch
             if self.args.average_tokens_across_devices:
                 loss = loss * self.accelerator.num_processes
         else:
-            loss = loss / max(targets.numel(), 1)
+            loss = loss / max(count, 1)
         return loss
 
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
@@ -267,6 +302,12 @@ class StudioTrainer(Trainer):
         loss, tokens, items = token_weighted_loss(self, dataloader)
         metrics = {f"{metric_key_prefix}_loss": loss, f"{metric_key_prefix}_tokens": tokens}
         return EvalLoopOutput(predictions=None, label_ids=None, metrics=metrics, num_samples=items)
+
+    def _save_checkpoint(self, model, trial):
+        """Trainer's checkpoint, timed: the run's save phase (``phases.py``)."""
+        began = time.perf_counter()
+        super()._save_checkpoint(model, trial)
+        self.seconds["save"] += time.perf_counter() - began
 
     def log(self, logs: dict, start_time=None):
         if "loss" in logs:  # a training log: the trackers get the token count too
@@ -373,6 +414,7 @@ class RunDirCallback(TrainerCallback):
             trainer = self.trainer_ref()
             (trainer.accelerator.unwrap_model(trainer.model) if model is None else model).train()
         self.paused_s += time.time() - began
+        self.trainer_ref().seconds["samples"] += time.time() - began
 
     def _generate_samples(self, model, step: int):
         from transformers.integrations import is_deepspeed_zero3_enabled
@@ -396,6 +438,7 @@ class RunDirCallback(TrainerCallback):
     # checkpoints
     def on_save(self, args, state, control, model=None, **kw):
         trainer = self.trainer_ref()
+        began = time.perf_counter()
         net = trainer.accelerator.unwrap_model(trainer.model)
         state_dict = trainable_state_dict(net)  # collective under ZeRO-3
         if dist_ready():
@@ -406,6 +449,7 @@ class RunDirCallback(TrainerCallback):
             limit = self.cfg.saving.save_total_limit
             if limit and limit > 0:
                 self.run.prune_iters(limit, up_to=state.global_step)
+        trainer.seconds["save"] += time.perf_counter() - began
         if self.prompts and not self.aborted:
             self._answer(model, state.global_step)  # every checkpoint's answers, for the comparison grid
 
@@ -501,8 +545,10 @@ def run_meta(cfg: Config, model, tokenizer, model_path: str, dtype) -> dict:
     }
 
 
-def train(run_dir: Path, deepspeed: str | None = None, resume: str | None = None, abort_flag=None) -> str:
-    """Train as configured in ``run_dir/config.yaml``; returns 'finished' or 'aborted'."""
+def train(run_dir: Path, deepspeed: str | None = None, resume: str | None = None, abort_flag=None,
+          phases=None) -> str:
+    """Train as configured in ``run_dir/config.yaml``; returns 'finished' or 'aborted'.
+    ``phases`` (``phases.Phases``) is told where each phase begins: data, model load, steps, save."""
     import weakref
 
     import datasets
@@ -512,8 +558,11 @@ def train(run_dir: Path, deepspeed: str | None = None, resume: str | None = None
     from ..config import eval_source
     from ..demo import resolve_model
     from .data import training_tokenizer
+    from .phases import Phases
 
     datasets.disable_progress_bars()  # train.log is a file, not a terminal
+    phases = phases or Phases()
+    phases.begin("data")
     run = RunDir(run_dir)
     cfg = from_dict(yaml.safe_load(run.config_file.read_text(encoding="utf-8")), str(run.config_file))
     rank = int(os.environ.get("RANK", "0"))
@@ -521,7 +570,7 @@ def train(run_dir: Path, deepspeed: str | None = None, resume: str | None = None
     print(f"[rank {rank}/{world}] {cfg.name}: {cfg.training.method} on {cfg.model.name_or_path}, "
           f"deepspeed={Path(deepspeed).name if deepspeed else 'off'}, resume={resume}", flush=True)
     dtype = resolve_dtype(cfg.model.dtype)
-    attn = resolve_attention(cfg.model.attn_implementation)
+    attn = resolve_attention(cfg.model.attn_implementation, packed=cfg.data.pack)
     model_path = resolve_model(cfg.model.name_or_path)
     tokenizer = training_tokenizer(cfg)
     if tokenizer.pad_token_id is None:
@@ -529,6 +578,7 @@ def train(run_dir: Path, deepspeed: str | None = None, resume: str | None = None
     args = training_arguments(cfg, run, dtype=dtype, deepspeed=deepspeed, resume=resume, rank=rank, world=world,
                               has_eval=eval_source(cfg) is not None)
     samples, eval_samples, heldout = run_data(cfg, tokenizer, args, rank)
+    phases.begin("model_load")
     if deepspeed and not torch.cuda.is_available():
         # With use_cpu, accelerate starts gloo itself and DeepSpeed's comm layer
         # is not set up yet; ZeRO-3's zero.Init would then see world size 1.
@@ -540,7 +590,8 @@ def train(run_dir: Path, deepspeed: str | None = None, resume: str | None = None
     if rank == 0 and hasattr(model, "print_trainable_parameters"):
         model.print_trainable_parameters()
     if cfg.data.pack:
-        mask = {"flash_attention_2": None, "sdpa": "bool"}.get(attn, "float")
+        # flash-attention and per-sample SDPA take one flattened row and its cu_seq_lens; the rest a 4-D mask
+        mask = {"flash_attention_2": None, SEGMENT_SDPA: None, "sdpa": "bool"}.get(attn, "float")
         collator = PackedCollator(tokenizer.pad_token_id, mask=mask)
     else:
         collator = PaddedCollator(tokenizer.pad_token_id)
@@ -554,13 +605,20 @@ def train(run_dir: Path, deepspeed: str | None = None, resume: str | None = None
     trainer.remove_callback(PrinterCallback)  # our own one-line-per-step log replaces its dicts
     if resume and rank == 0:
         run.truncate_after(checkpoint_step(resume) or 0)
+    phases.begin("steps")
     trainer.train(resume_from_checkpoint=resume)
+    phases.end()
+    phases.carve("steps", trainer.seconds)  # checkpoints saved and prompts answered between the steps
     if callback.aborted and trainer.state.global_step < trainer.state.max_steps:
         print(f"run aborted; saved at step {trainer.state.global_step}", flush=True)
         return "aborted"
     # the final weights, unless the last step was just saved
     if not (run.path / iter_name(trainer.state.global_step)).exists():
+        phases.begin("save")
+        samples = trainer.seconds["samples"]
         trainer._save_checkpoint(trainer.model, trial=None)
         callback.on_save(trainer.args, trainer.state, trainer.control)
+        phases.end()
+        phases.carve("save", {"samples": trainer.seconds["samples"] - samples})
     print(f"finished at step {trainer.state.global_step}", flush=True)
     return "finished"

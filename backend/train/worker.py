@@ -5,7 +5,9 @@ reads ``RUN_DIR/config.yaml``, builds the data with the data pipeline, the
 model with transformers/peft/bitsandbytes, and trains with ``transformers.Trainer``
 (DeepSpeed through Trainer's own integration). Everything it produces goes
 into the run directory. Its own stdout/stderr are appended to ``train.log``
-at the file-descriptor level, so no pipe ever needs draining.
+at the file-descriptor level, so no pipe ever needs draining. It keeps
+bitsandbytes and DeepSpeed out unless the run uses them, and ends with a line
+of where its time went (``phases.py``), also kept in result.json.
 """
 
 from __future__ import annotations
@@ -114,21 +116,24 @@ def main(argv=None) -> int:
     ap.add_argument("--no-redirect", action="store_true", help="keep stdout/stderr (debugging)")
     args = ap.parse_args(argv)
     from ..core.rundir import RunDir
+    from .phases import Phases
 
+    phases = Phases("imports", since_process_start=True)
     run_dir = Path(args.run_dir).resolve()
     run = RunDir(run_dir)
     if args.slurm:
         slurm_to_torch_env()
     if not args.no_redirect:
         redirect_output(run.train_log)
-    if args.deepspeed:
-        skip_deepspeed_shm_build()
     abort_flag = AbortFlag(run)
     rank = int(os.environ.get("RANK", "0"))
     try:
+        hide_unused_stacks(run, args.deepspeed)
+        if args.deepspeed:
+            skip_deepspeed_shm_build()
         from .trainer import train
 
-        state = train(run_dir, deepspeed=args.deepspeed, resume=args.resume, abort_flag=abort_flag)
+        state = train(run_dir, deepspeed=args.deepspeed, resume=args.resume, abort_flag=abort_flag, phases=phases)
     except BaseException as exc:  # noqa: BLE001 - any failure ends the run as failed, with its summary
         if isinstance(exc, SystemExit) and exc.code in (0, None):
             raise
@@ -139,11 +144,39 @@ def main(argv=None) -> int:
         except OSError:  # train.log is on the full disk too
             pass
         if rank == 0:
-            _write_result(run, "failed", summary, 1)
+            _write_result(run, "failed", summary, 1, _phases_record(phases, rank))
         return 1
     if rank == 0:
-        _write_result(run, state, None, 0)
+        _write_result(run, state, None, 0, _phases_record(phases, rank))
     return 0
+
+
+def hide_unused_stacks(run, deepspeed: str | None) -> list[str]:
+    """bitsandbytes only for QLoRA, DeepSpeed only with ``--deepspeed``: peft and
+    accelerate import them whenever they are installed (a few seconds each at
+    start-up), so a run that does not use one hides it (``phases.hide``)."""
+    import yaml
+
+    from ..config import from_dict
+    from .phases import hide
+
+    cfg = from_dict(yaml.safe_load(run.config_file.read_text(encoding="utf-8")), str(run.config_file))
+    unused = ([] if cfg.training.method == "qlora" else ["bitsandbytes"]) + ([] if deepspeed else ["deepspeed"])
+    return hide(unused)
+
+
+def _phases_record(phases, rank: int) -> dict:
+    """End the last phase, print the line (rank 0) and return the record for result.json."""
+    from .phases import format_phases
+
+    phases.end()
+    record = phases.to_dict()
+    if rank == 0:
+        try:
+            print(format_phases(record), flush=True)
+        except OSError:
+            pass
+    return record
 
 
 def failure_summary(exc: BaseException) -> str:
@@ -156,9 +189,9 @@ def failure_summary(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def _write_result(run, state: str, error: str | None, code: int) -> None:
+def _write_result(run, state: str, error: str | None, code: int, phases: dict | None = None) -> None:
     try:
-        run.write_result(state, error, code)
+        run.write_result(state, error, code, phases=phases)
     except OSError as exc:  # the launcher (or whoever follows the run) infers it from the exit code
         print(f"could not write the run's result: {exc}", file=sys.stderr, flush=True)
 
