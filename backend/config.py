@@ -46,7 +46,8 @@ class ModelConfig:
     dtype: str = _f("auto", "weights and compute precision; auto = bf16 where the hardware has it, else fp32",
                     choices=["auto", "bf16", "fp16", "fp32"])
     attn_implementation: str = _f("auto", "attention kernel; auto = flash_attention_2 on CUDA if installed (varlen "
-                                          "for packed rows), per-sample sdpa for packed data on a CPU, else sdpa",
+                                          "for packed rows), per-sample sdpa for packed blocks of 1024+ tokens on a "
+                                          "CPU, else sdpa",
                                   choices=["auto", "eager", "sdpa", "flash_attention_2"])
     trust_remote_code: bool = _f(False, "allow the model repository's own code (needed by some models)")
     add_template_tokens: bool = _f(False, "add the template's markers the tokenizer lacks (e.g. <|eot_id|> on a "

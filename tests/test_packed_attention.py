@@ -137,6 +137,8 @@ def test_resolve_attention_choice(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert resolve_attention("auto", packed=True) == SEGMENT_SDPA
     assert resolve_attention("auto", packed=False) == "sdpa"
+    assert resolve_attention("auto", packed=True, max_length=2048) == SEGMENT_SDPA
+    assert resolve_attention("auto", packed=True, max_length=256) == "sdpa"  # short blocks: the mask is cheaper
     assert resolve_attention("eager", packed=True) == "eager"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setitem(sys.modules, "flash_attn", None)  # import flash_attn raises ImportError
