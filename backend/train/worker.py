@@ -148,7 +148,21 @@ def main(argv=None) -> int:
         return 1
     if rank == 0:
         _write_result(run, state, None, 0, _phases_record(phases, rank))
+    close_process_group()
     return 0
+
+
+def close_process_group() -> None:
+    """Tear the ranks' process group down while the interpreter still runs: left to exit, its
+    background threads were once destroyed still joinable ("terminate called without an active
+    exception", SIGABRT) after a ZeRO-3 run had recorded its result."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except (RuntimeError, ValueError) as exc:  # a peer already gone: nothing left to tear down
+            print(f"closing the process group: {exc}", file=sys.stderr, flush=True)
 
 
 def hide_unused_stacks(run, deepspeed: str | None) -> list[str]:
