@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 
 from gradio_client import Client
-from test_studio_browser import ARGS, CHROMIUM
+from test_studio_browser import open_studio
 
 from backend.config import load_config
 from backend.core.rundir import RunDir, effective_status
@@ -51,11 +51,7 @@ def test_device_panel_and_a_queued_run(tmp_path, tiny_model, monkeypatch):
         for run in (first, second):
             assert wait_for(lambda: effective_status(RunDir(work / run)).get("state") == "running", timeout=300), \
                 (work / run / "launcher.log").read_text()[-2000:]
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, env={**os.environ, "HOME": str(tmp_path)})
-        page = browser.new_page(viewport={"width": 1440, "height": 1300})
-        page.set_default_timeout(60_000)
-        expect.set_options(timeout=60_000)
-        page.goto(url)
+        browser, page = open_studio(p, url, tmp_path, height=1300)
         page.get_by_role("tab", name="Train").click()
         panel = page.locator("#devices-table")
         expect(panel).to_contain_text("fake device 0")

@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 
 from test_evaluate import fabricated_run
-from test_studio_browser import ARGS, CHROMIUM
+from test_studio_browser import open_studio
 
 from backend.core.rundir import RunDir
 from studio_utils import running_studio
@@ -27,11 +27,7 @@ def test_runs_tab_shows_eval_curve_grid_and_benchmarks(tmp_path, tiny_model, mon
     run = fabricated_run(work, report_to=["tensorboard"])
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the studio's evaluation of a tiny model on 2 shared cores
     with running_studio(work) as (url, _), sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, env={**os.environ, "HOME": str(tmp_path)})
-        page = browser.new_page(viewport={"width": 1440, "height": 1400})
-        page.set_default_timeout(60_000)
-        expect.set_options(timeout=60_000)
-        page.goto(url)
+        browser, page = open_studio(p, url, tmp_path, height=1400)
         page.get_by_role("tab", name="Runs").click()
         expect(page.locator("#runs-summary")).to_contain_text("fab-run · finished · step 50/50")
 

@@ -21,6 +21,19 @@ ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--
 ANSWER = "Finetune Studio is a browser studio"
 
 
+def open_studio(p, url: str, home, height: int = 1000):
+    """(browser, page): headless Chromium (its profile under ``home``) on the studio at ``url``, with the
+    minute-long waits a loaded 2-core machine needs."""
+    from playwright.sync_api import expect
+
+    browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, env={**os.environ, "HOME": str(home)})
+    page = browser.new_page(viewport={"width": 1440, "height": height})
+    page.set_default_timeout(60_000)
+    expect.set_options(timeout=60_000)
+    page.goto(url)
+    return browser, page
+
+
 def pick(page, elem_id: str, option: str):
     """Choose ``option`` in a Gradio dropdown."""
     page.locator(f"#{elem_id} input").click()
