@@ -262,7 +262,7 @@ def test_panel_shows_who_holds_each_device(tmp_path, monkeypatch, locks):
     from studio import devices_panel as panel
     from studio.context import StudioContext
 
-    gr = pytest.importorskip("gradio")
+    import gradio as gr
     monkeypatch.setenv(inv.FAKE_ENV, "3")
     ctx = StudioContext(tmp_path / "work")
     lease = leases.acquire(["0"])

@@ -55,7 +55,6 @@ def test_lora_worker_never_imports_bitsandbytes_or_deepspeed(tmp_path):
 
 @pytest.mark.parametrize("method", ["qlora"])
 def test_qlora_worker_keeps_bitsandbytes(tmp_path, method):
-    pytest.importorskip("bitsandbytes")
     seen = worker_imports(tmp_path, method)
     assert seen["hidden"] == ["deepspeed"] and seen["loaded"] == ["bitsandbytes"]
 
