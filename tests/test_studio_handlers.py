@@ -86,7 +86,10 @@ def test_launch_follow_abort_resume_export_chat(studio):
     run_dir = work / run_name
     assert (work / "configs" / "handlers.yaml").exists()
 
-    # the machine's one device (its CPU) is busy: a second launch waits in the queue, then is cancelled
+    # once the first run holds the machine's one device (its CPU), a second launch waits in the queue, then is
+    # cancelled (launched at once, the two launchers' checks would race for the device)
+    assert wait_for(lambda: effective_status(RunDir(run_dir)).get("state") == "running", timeout=300), \
+        (run_dir / "launcher.log").read_text()[-3000:]
     msg2, second = client.predict(*launch_args(cfg, "second"), api_name="/train_launch")
     assert second.startswith("second-"), msg2
     assert wait_for(lambda: device_queue.position(work, RunDir(work / second)) == 1, timeout=300), \
