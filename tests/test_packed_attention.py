@@ -91,6 +91,31 @@ def test_gradients_equal_mask_path(tiny_model, blocks):
         torch.testing.assert_close(grads["segments"][1][n], g, atol=1e-6, rtol=1e-4, msg=n)
 
 
+def test_bf16_rows_attend_per_sample_in_fp32():
+    """In a bf16 run on a CPU the samples' attention runs in fp32 (attention.py says why): the
+    output is bf16, equal to each slice's fp32 SDPA rounded once, even under autocast, and
+    gradients flow back in bf16."""
+    from types import SimpleNamespace
+
+    import torch.nn.functional as F
+
+    from backend.train.attention import segment_sdpa_forward
+
+    torch.manual_seed(0)
+    lengths = [5, 9, 2]
+    cu = torch.tensor([0, 5, 14, 16], dtype=torch.int32)
+    q, k, v = (torch.randn(1, 2, 16, 8, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    module = SimpleNamespace(is_causal=True, num_key_value_groups=1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _ = segment_sdpa_forward(module, q, k, v, None, cu_seq_lens_q=cu, cu_seq_lens_k=cu)
+    assert out.dtype == torch.bfloat16 and out.shape == (1, 16, 2, 8)
+    want = torch.cat([F.scaled_dot_product_attention(a.float(), b.float(), c.float(), is_causal=True)
+                      for a, b, c in zip(q.split(lengths, 2), k.split(lengths, 2), v.split(lengths, 2))], dim=2)
+    assert torch.equal(out, want.transpose(1, 2).to(torch.bfloat16))
+    out.float().sum().backward()
+    assert q.grad.dtype == torch.bfloat16 and q.grad.abs().sum() > 0
+
+
 def test_unpacked_calls_are_plain_sdpa(tiny_model):
     """A padded batch and cached generation run as transformers' sdpa would."""
     ours, ref = _model(tiny_model, register()), _model(tiny_model, "sdpa")
@@ -139,6 +164,8 @@ def test_resolve_attention_choice(monkeypatch):
     assert resolve_attention("auto", packed=False) == "sdpa"
     assert resolve_attention("auto", packed=True, max_length=2048) == SEGMENT_SDPA
     assert resolve_attention("auto", packed=True, max_length=256) == "sdpa"  # short blocks: the mask is cheaper
+    assert resolve_attention("auto", packed=True, max_length=512, dtype=torch.float32) == SEGMENT_SDPA
+    assert resolve_attention("auto", packed=True, max_length=512, dtype=torch.bfloat16) == "sdpa"  # bf16: from 1024
     assert resolve_attention("eager", packed=True) == "eager"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setitem(sys.modules, "flash_attn", None)  # import flash_attn raises ImportError

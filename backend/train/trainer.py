@@ -84,17 +84,20 @@ def resolve_dtype(name: str) -> torch.dtype:
     return getattr(torch, TORCH_DTYPES[name])
 
 
-# Per-sample SDPA pays once blocks are long: at 2048 it took 1.37x less CPU than the masked block, at 512 the two
-# were level, and on the 256-token demo (many short samples, a Python call each) it was 1.6x slower (60 steps,
-# 61.8 s vs 37.6 s, load 4); shorter packed blocks keep the block-diagonal mask.
-SEGMENT_MIN_LENGTH = 1024
+# Per-sample SDPA pays once blocks are long. bf16 (4.2M model, micro-batch 4, bench_train.py, load ~1): at 2048 it
+# ran 1.83x the masked block's tokens/s, at 512 0.67-0.89x; fp32: 1.76x at 2048 and 1.04-1.12x at 512. On the 256-token
+# demo (many short samples, a Python call each) it was 1.6x slower. Shorter blocks keep the block-diagonal mask.
+def segment_min_length(dtype: torch.dtype | None) -> int:
+    """The shortest packed block that ``auto`` gives per-sample SDPA (fp32: 512; bf16, fp16 or unknown: 1024)."""
+    return 512 if dtype == torch.float32 else 1024
 
 
-def resolve_attention(name: str, packed: bool = False, max_length: int | None = None) -> str:
+def resolve_attention(name: str, packed: bool = False, max_length: int | None = None,
+                      dtype: torch.dtype | None = None) -> str:
     """The attention kernel for ``model.attn_implementation``. auto: flash-attention
     on CUDA where installed (varlen for packed rows); packed data on a CPU in blocks of
-    ``SEGMENT_MIN_LENGTH`` tokens or more gets per-sample SDPA (``attention.py``: Σ nᵢ²
-    instead of a masked T² block); else sdpa."""
+    ``segment_min_length(dtype)`` tokens or more gets per-sample SDPA (``attention.py``:
+    Σ nᵢ² instead of a masked T² block); else sdpa."""
     if name == SEGMENT_SDPA:
         return register()
     if name != "auto":
@@ -107,7 +110,7 @@ def resolve_attention(name: str, packed: bool = False, max_length: int | None = 
         except ImportError:
             pass
         return "sdpa"
-    long_blocks = max_length is None or max_length >= SEGMENT_MIN_LENGTH
+    long_blocks = max_length is None or max_length >= segment_min_length(dtype)
     return register() if packed and long_blocks else "sdpa"
 
 
@@ -267,32 +270,35 @@ class StudioTrainer(Trainer):
             self._head_hidden, hidden = hidden, hidden[:0]
         return (hidden,) + tuple(args[1:])
 
-    def labeled_loss(self, model, inputs) -> tuple[torch.Tensor, int]:
-        """(summed loss over the trained positions, their count). Small batches run the
-        head inside the model; large ones (tokens x vocab over linear_ce.CHUNK_ELEMENTS)
-        take the head's input out and run head + loss in chunks (linear_ce.py)."""
+    def labeled_losses(self, model, inputs, reduction: str = "sum") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(loss over the trained positions: their sum, or one per token with ``reduction="none"``;
+        their target ids; the selection). Small batches run the head inside the model; large ones
+        (tokens x vocab over linear_ce.CHUNK_ELEMENTS) take the head's input out and run head +
+        loss in chunks (linear_ce.py), in training and in the eval loss alike."""
         from transformers.integrations import is_deepspeed_zero3_enabled
 
         from .linear_ce import choose_kernel, linear_cross_entropy
 
         tokens = int((inputs["labels"][:, 1:] != -100).sum())
-        kernel = choose_kernel(self.head, tokens, inputs["labels"].device, zero3=is_deepspeed_zero3_enabled())
+        kernel = "plain" if not self.labeled_only else choose_kernel(
+            self.head, tokens, inputs["labels"].device, zero3=is_deepspeed_zero3_enabled())
         self._head_hidden = None if kernel == "plain" else "deferred"
         try:
-            logits, targets, _ = labeled_logits(self, model, inputs)
+            logits, targets, select = labeled_logits(self, model, inputs)
             hidden = self._head_hidden
         finally:
             self._head_hidden = None
         if kernel == "plain":
-            return F.cross_entropy(logits.float(), targets, reduction="sum"), targets.numel()
-        return linear_cross_entropy(hidden, self.head, targets, kernel=kernel), targets.numel()
+            return F.cross_entropy(logits.float(), targets, reduction=reduction), targets, select
+        return linear_cross_entropy(hidden, self.head, targets, kernel=kernel, reduction=reduction), targets, select
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         self.tokens_since_step += int(inputs.pop("num_tokens"))
         inputs.pop("item_lens", None)
         if not self.labeled_only or return_outputs:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        loss, count = self.labeled_loss(model, inputs)
+        loss, targets, _ = self.labeled_losses(model, inputs)
+        count = targets.numel()
         if num_items_in_batch is not None:
             loss = loss / num_items_in_batch
             if self.args.average_tokens_across_devices:
@@ -578,7 +584,8 @@ def train(run_dir: Path, deepspeed: str | None = None, resume: str | None = None
     print(f"[rank {rank}/{world}] {cfg.name}: {cfg.training.method} on {cfg.model.name_or_path}, "
           f"deepspeed={Path(deepspeed).name if deepspeed else 'off'}, resume={resume}", flush=True)
     dtype = resolve_dtype(cfg.model.dtype)
-    attn = resolve_attention(cfg.model.attn_implementation, packed=cfg.data.pack, max_length=cfg.data.max_length)
+    attn = resolve_attention(cfg.model.attn_implementation, packed=cfg.data.pack, max_length=cfg.data.max_length,
+                             dtype=dtype)
     model_path = resolve_model(cfg.model.name_or_path)
     tokenizer = training_tokenizer(cfg)
     if tokenizer.pad_token_id is None:
