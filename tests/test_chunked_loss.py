@@ -155,3 +155,19 @@ def test_trainer_loss_chunked_equals_plain(tiny_model, monkeypatch):
     assert results["plain"][1].keys() == results["chunked"][1].keys() and results["plain"][1]
     for n, g in results["plain"][1].items():
         torch.testing.assert_close(results["chunked"][1][n], g, atol=1e-6, rtol=1e-5, msg=n)
+
+    # the eval loss (token-weighted, one loss per token) through the same two paths
+    from backend.train.evaluation import token_weighted_loss
+
+    evals = {}
+    for name, elements in (("plain", 2**30), ("chunked", 1024 * 50)):
+        monkeypatch.setattr(linear_ce, "CHUNK_ELEMENTS", elements)
+        rows.clear()
+        hook = trainer.head.register_forward_hook(lambda m, i, o: rows.append(o.shape[0]))
+        evals[name] = token_weighted_loss(trainer, [dict(batch)])
+        hook.remove()
+        evals[name + "_rows"] = list(rows)
+    assert evals["plain"][1:] == evals["chunked"][1:] == (trained, 2)
+    assert evals["chunked"][0] == pytest.approx(evals["plain"][0], rel=1e-6)
+    assert evals["chunked_rows"][0] == 0 and max(evals["chunked_rows"]) == 50  # no full logits, no recompute
+    assert sum(evals["chunked_rows"]) == trained

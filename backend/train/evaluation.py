@@ -25,7 +25,6 @@ from __future__ import annotations
 import time
 
 import torch
-import torch.nn.functional as F
 
 from .collate import IGNORE_INDEX
 
@@ -53,8 +52,8 @@ def labeled_sums(trainer, model, inputs: dict) -> tuple[torch.Tensor, torch.Tens
     inputs = dict(inputs)
     inputs.pop("num_tokens", None)
     item_lens = inputs.pop("item_lens", None)  # flash-attention packing: the items are one flattened row
-    logits, targets, select = labeled_logits(trainer, model, inputs)
-    losses = F.cross_entropy(logits.float(), targets, reduction="none").double()
+    losses, _, select = trainer.labeled_losses(model, inputs, reduction="none")  # chunked where large
+    losses = losses.double()
     rows, cols = select.nonzero(as_tuple=True)
     if item_lens is None:
         item, size = rows, select.shape[0]
