@@ -50,7 +50,7 @@ from .core.atomic import write_text
 from .core.guard import Guard, GuardError, User
 from .core import procs
 from .core.rundir import (ABORTED_EXIT, ACTIVE, ENDED, FOLLOWERS, RunDir, RunFolderError, effective_status,
-                          last_error, now, result_outcome)
+                          last_error, now, result_outcome, result_phases)
 from .launch import DEEPSPEED_NAMES, QUEUED_ENV, RUN_USER_ENV, LaunchError, resolve_deepspeed
 
 _PLAIN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")  # partition and account names
@@ -364,10 +364,11 @@ def _record_slurm_end(run: RunDir, job_id: str, slurm_state: str | None) -> dict
     else:
         state, code = "failed", 1
         error = _slurm_error(run, job_id, status["state"], slurm_state)
+    extra = result_phases(result)  # rank 0's phases, as the launcher would have copied them
     try:
-        return run.end(state, code, error)
+        return run.end(state, code, error, **extra)
     except OSError:
-        return {**status, "state": state, "exit_code": code, "error": error}
+        return {**status, "state": state, "exit_code": code, "error": error, **extra}
 
 
 def _slurm_error(run: RunDir, job_id: str, was: str, slurm_state: str | None) -> str:

@@ -329,7 +329,16 @@ def summary_md(run: RunDir) -> str:
         text += f"\n\n**Error:** `{s.error}`"
     if st.get("resumed_from"):
         text += f"\n\nresumed from `{st['resumed_from']}`"
-    return text
+    return text + phases_md(st)
+
+
+def phases_md(status: dict) -> str:
+    """Where an ended run's time went (status.json ``phases``, ``launcher_phases``), one line each."""
+    from backend.train.phases import format_phases
+
+    lines = [format_phases(status[key], prefix=label) for key, label in
+             (("phases", "phases"), ("launcher_phases", "launcher phases")) if isinstance(status.get(key), dict)]
+    return "".join(f"\n\n{line}" for line in lines)
 
 
 def do_abort(ctx: StudioContext, names, request: gr.Request = None):

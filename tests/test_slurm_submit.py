@@ -152,6 +152,19 @@ def test_slurm_out_of_reach_leaves_the_run_as_recorded(tmp_path, monkeypatch):
     assert run.status()["state"] == "queued" and "note" not in run.status()
 
 
+def test_a_job_that_ended_unrecorded_keeps_rank_zeros_phases(tmp_path):
+    """When the launcher inside the job never wrote the end, the follower records it from result.json,
+    with rank 0's phases, as the launcher would have."""
+    run = RunDir(tmp_path / "run")
+    run.claim_new()
+    run.start("running", scheduler="slurm", slurm_job_id="7", launcher=None)
+    phases = {"imports": 1.5, "steps": 3.0, "total": 4.5, "optional_imports": []}
+    run.write_result("finished", None, 0, phases=phases)
+    st = slurm._record_slurm_end(run, "7", "COMPLETED")
+    assert st["state"] == "finished" and st["phases"] == phases
+    assert run.status()["phases"] == phases
+
+
 # --- on the cluster ------------------------------------------------------------------------------
 
 

@@ -44,6 +44,10 @@ def assert_phases(run_dir, st, launcher_output):
     assert phases["imports"] > 0 and phases["steps"] > 0 and phases["total"] >= phases["steps"]
     assert phases["optional_imports"] == [], phases
     assert {"preflight", "data_preflight", "queued"} <= set(st["launcher_phases"])
+    from studio.runs_tab import summary_md  # the Runs tab shows both lines under the run's summary
+
+    shown = summary_md(RunDir(run_dir))
+    assert line in shown and "launcher phases: preflight " in shown, shown
 
 
 # LoRA needs a base that has learned something: on the tiny random model the

@@ -368,12 +368,17 @@ def effective_status(run: RunDir) -> dict:
     return _record_end(run)
 
 
+def result_phases(result: dict) -> dict:
+    """status.json's ``phases`` field from rank 0's result.json (its seconds per phase), or nothing."""
+    return {"phases": result["phases"]} if isinstance(result.get("phases"), dict) else {}
+
+
 def _record_end(run: RunDir) -> dict:
     status = run.status()  # again: the launcher may have recorded the end meanwhile
     if status.get("state") not in ACTIVE:
         return status
     result = run.result()
-    extra = {"phases": result["phases"]} if isinstance(result.get("phases"), dict) else {}
+    extra = result_phases(result)
     if status["state"] == "running" and result.get("state") in ENDED:
         state, code, error = result_outcome(result)
     elif status["state"] == "queued" and run.stop_requested():
