@@ -119,10 +119,16 @@ class Counter:
     the collator reset at a step's start misses a batch (a 1/steps error)."""
 
     def __init__(self):
-        self.real = self.total = self.pairs = 0
+        self.reset()
 
     def reset(self):
         self.real = self.total = self.pairs = 0
+        self.losses = []
+
+    def final_loss(self) -> float:
+        """The mean training loss of the last 10 timed steps (the same batches for every packed variant)."""
+        tail = self.losses[-10:]
+        return sum(tail) / max(len(tail), 1)
 
     def count(self, batch):
         mask = batch.get("attention_mask")
@@ -138,9 +144,11 @@ class Counter:
         self.real, self.total, self.pairs = self.real + real, self.total + total, self.pairs + pairs
 
 
-def build(model_key: str, variant: str, max_length: int, workdir: Path, dropout: float = 0.0):
+def build(model_key: str, variant: str, max_length: int, workdir: Path, dropout: float = 0.0, bf16: bool = False):
     """(tokenizer, dataset, LoRA model, collator, parameter count) for one variant. ``dropout``: LoRA dropout,
-    peft's own for the baseline, ours (``lora_dropout.install``: on the rank-r activation) for the rest."""
+    peft's own for the baseline, ours (``lora_dropout.install``: on the rank-r activation) for the rest.
+    ``bf16``: ours hold the frozen base in bf16 as ``trainer.load_model`` does (adapters stay fp32); the
+    baseline keeps fp32 weights under autocast, as plain Trainer with ``bf16=True`` does."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoTokenizer, DataCollatorForSeq2Seq, LlamaConfig, LlamaForCausalLM
@@ -157,6 +165,8 @@ def build(model_key: str, variant: str, max_length: int, workdir: Path, dropout:
     cfg = LlamaConfig(vocab_size=len(tok), max_position_embeddings=max(1024, max_length), tie_word_embeddings=False,
                       pad_token_id=tok.pad_token_id, **model_dims(model_key))
     model = LlamaForCausalLM(cfg)
+    if bf16 and variant != "baseline":
+        model = model.to(torch.bfloat16)
     n_params = sum(p.numel() for p in model.parameters())
     flat = variant in ("ours_packed", "hand_loop")
     model.config._attn_implementation = register() if flat else "sdpa"
@@ -204,6 +214,7 @@ def hand_loop(model, batches, counter: Counter, steps: int, warmup: int, bf16: b
             logits = base.lm_head(hidden[select])
         loss = F.cross_entropy(logits.float(), targets, reduction="sum") / max(targets.numel(), 1)
         loss.backward()
+        counter.losses.append(loss.item())
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -217,7 +228,7 @@ def one(model_key: str, variant: str, precision: str, steps: int, warmup: int, w
 
     from backend.train.trainer import StudioTrainer
 
-    tok, data, model, collator, n_params = build(model_key, variant, max_length, workdir, dropout)
+    tok, data, model, collator, n_params = build(model_key, variant, max_length, workdir, dropout, precision == "bf16")
     counter = Counter()
     bf16 = precision == "bf16"
     args = TrainingArguments(
@@ -247,7 +258,9 @@ def one(model_key: str, variant: str, precision: str, steps: int, warmup: int, w
 
     def counted_step(model, inputs, *a, **kw):
         counter.count(inputs)
-        return training_step(model, inputs, *a, **kw)
+        loss = training_step(model, inputs, *a, **kw)
+        counter.losses.append(float(loss))
+        return loss
 
     trainer.training_step = counted_step
     if variant == "hand_loop":  # Trainer only hands out its batches: the same order as ours_packed's
@@ -270,7 +283,7 @@ def one(model_key: str, variant: str, precision: str, steps: int, warmup: int, w
         "model": model_key, "params": n_params, "variant": variant, "precision": precision,
         "tokens_per_s": tps, "ms_per_step": 1000 * seconds / steps, "padding": 1 - counter.real / counter.total,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "mfu": flops / seconds / peak, "peak_gflops": peak / 1e9,
+        "mfu": flops / seconds / peak, "peak_gflops": peak / 1e9, "loss": counter.final_loss(),
     }
 
 
@@ -279,7 +292,7 @@ def row(r: dict, base: float | None, loop: float | None) -> str:
     name = f"{r['model']} {r['params'] / 1e6:.1f}M"
     return (f"{name:<12}{r['precision']:<6}{r['variant']:<17}{r['tokens_per_s']:9.0f}{r['ms_per_step']:9.0f}"
             f"{ratio(base):>9}{ratio(loop):>9}{100 * r['padding']:8.1f}%{r['peak_rss_mb']:8.0f}"
-            f"{r['peak_gflops']:9.0f}{100 * r['mfu']:7.1f}%")
+            f"{r['peak_gflops']:9.0f}{100 * r['mfu']:7.1f}%{r['loss']:8.3f}")
 
 
 def main():
@@ -312,7 +325,7 @@ def main():
           f"after {args.warmup} warm-up, alpaca_en_demo, 2000-token BPE; load average "
           + " ".join(f"{x:.2f}" for x in os.getloadavg()))
     print(f"{'model':<12}{'prec':<6}{'variant':<17}{'tok/s':>9}{'ms/step':>9}{'vs base':>9}{'vs loop':>9}"
-          f"{'padding':>9}{'RSS MB':>8}{'peak GF':>9}{'MFU':>8}")
+          f"{'padding':>9}{'RSS MB':>8}{'peak GF':>9}{'MFU':>8}{'loss':>8}")
     for model_key in models:
         for precision in args.precisions.split(","):
             results = {}
@@ -336,7 +349,8 @@ def main():
                 print(row(r, base, loop), flush=True)
     print("(vs base: over plain Trainer + DataCollatorForSeq2Seq; vs loop: over hand_loop, the same batches in a "
           "bare loop. MFU: 4 x linear params per real token + useful causal attention, over 'peak GF', a "
-          "2048x2048 matmul timed in the same process at the same precision; load average at the end "
+          "2048x2048 matmul timed in the same process at the same precision; loss: mean training loss of the "
+          "last 10 steps (the packed variants train on the same batches); load average at the end "
           + " ".join(f"{x:.2f}" for x in os.getloadavg()) + ")")
 
 
