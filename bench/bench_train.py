@@ -270,7 +270,7 @@ def one(model_key: str, variant: str, precision: str, steps: int, warmup: int, w
 
         with prof(activities=[ProfilerActivity.CPU]) as p:
             trainer.train()
-        print(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=15), file=sys.stderr)
+        print(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=20), file=sys.stderr)
         seconds = clock["t1"] - clock["t0"]
     else:
         trainer.train()
@@ -306,6 +306,7 @@ def main():
     ap.add_argument("--precisions", default="fp32,bf16")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--profile", action="store_true", help="print where the time goes (torch.profiler)")
+    ap.add_argument("--profile-variant", default="ours_packed", help="the variant --profile profiles")
     ap.add_argument("--lora-dropout", type=float, default=0.0,
                     help="LoRA dropout (peft's for the baseline, ours for the rest; the recipes' default is 0.1)")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
@@ -333,14 +334,14 @@ def main():
                 cmd = [sys.executable, __file__, "--one", f"{model_key}:{variant}:{precision}", "--workdir",
                        str(workdir), "--steps", str(args.steps), "--warmup", str(args.warmup),
                        "--max-length", str(args.max_length), "--lora-dropout", str(args.lora_dropout)]
-                if args.profile and variant == "ours_packed":
+                if args.profile and variant == args.profile_variant:
                     cmd.append("--profile")
                 out = subprocess.run(cmd, capture_output=True, text=True, env=env)
                 line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
                 if line is None:
                     print(f"{model_key:<12}{precision:<6}{variant:<17} failed:\n{out.stderr[-2000:]}")
                     continue
-                if args.profile and variant == "ours_packed":
+                if args.profile and variant == args.profile_variant:
                     print(out.stderr[-6000:])
                 results[variant] = json.loads(line[7:])
             base = results.get("baseline", {}).get("tokens_per_s")

@@ -137,10 +137,11 @@ def test_fp32_forward_and_gradients_equal_peft_without_dropout():
             torch.testing.assert_close(p.grad, grads[n], rtol=1e-6, atol=1e-7)
 
 
-def test_bf16_under_autocast_equals_peft_and_is_close_to_fp32():
-    """bf16 base, fp32 adapters, under CPU autocast as Trainer runs bf16: ours (no activation casts)
-    is bit-for-bit peft's (which casts x up to fp32 and autocast casts it back), gradients too;
-    both are within bf16 rounding (rtol 1.6e-2) of the all-fp32 model."""
+def test_bf16_under_autocast_is_within_rounding_of_peft_and_no_further_from_fp32():
+    """bf16 base, fp32 adapters, under CPU autocast as Trainer runs bf16. Ours adds B's product
+    inside the GEMM (one rounding; peft rounds the product, its scaled copy and the sum): output
+    and gradients within bf16 rounding (rtol 1.6e-2) of peft's, and no further than peft's from
+    the all-fp32 model."""
     ref, ours = pair(0.0, torch.bfloat16)
     full = copy.deepcopy(ref).float()
     x = torch.randn(3, TOKENS, IN)
@@ -150,15 +151,42 @@ def test_bf16_under_autocast_equals_peft_and_is_close_to_fp32():
             y = model(x.bfloat16())
         assert y.dtype == torch.bfloat16
         y.float().pow(2).mean().backward()
-        outs[label] = y
-    assert torch.equal(outs["ours"], outs["peft"])
-    ref_grads = dict(ref.named_parameters())
+        outs[label] = y.detach().float()
+    torch.testing.assert_close(outs["ours"], outs["peft"], rtol=1.6e-2, atol=2e-2)
+    want = full(x)
+    want.pow(2).mean().backward()
+    errors = {label: (y - want.detach()).abs().mean().item() for label, y in outs.items()}
+    assert errors["ours"] <= errors["peft"], errors
+    # gradients, as a whole tensor (single elements near zero carry no relative precision in bf16):
+    # within 1% of peft's and of the fp32 model's (measured: 0.4-0.5%, the same as peft's own)
+    ref_grads, fp32_grads = dict(ref.named_parameters()), dict(full.named_parameters())
     for n, p in ours.named_parameters():
         if p.requires_grad:
             assert p.dtype == torch.float32 and p.grad.dtype == torch.float32
-            torch.testing.assert_close(p.grad, ref_grads[n].grad, rtol=0, atol=0)
-    with torch.no_grad():
-        torch.testing.assert_close(outs["ours"].float(), full(x), rtol=1.6e-2, atol=2e-2)
+            for other in (ref_grads[n].grad, fp32_grads[n].grad):
+                assert (p.grad - other).norm() <= 0.01 * other.norm(), n
+
+
+def test_adapter_product_is_added_inside_the_gemm():
+    """No full-size (tokens x features) multiply or add of the adapter's output, forward or backward:
+    peft's ``result + B(A x) * scale`` has both for each adapted linear; ours has none. fp32 outputs
+    and gradients equal peft's (1e-6)."""
+    ref, ours = pair(0.0)
+    x = torch.randn(TOKENS, IN)
+    full_size, outs = {}, {}
+    for label, model in (("peft", ref), ("ours", ours)):
+        model.train()
+        with Ops(torch.ops.aten.mul, torch.ops.aten.add) as ops:
+            y = model(x)
+            y.pow(2).sum().backward()
+        full_size[label] = sum(1 for shape in ops.calls if shape[0] == TOKENS and shape[-1] in (IN, OUT))
+        outs[label] = (y.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    # per adapted linear peft has a scaling multiply and an add in the forward and the multiply's
+    # backward: 3 x 3 more than ours (both share the block's own q + k and the loss's pow)
+    assert full_size["peft"] - full_size["ours"] == 3 * 3, full_size
+    torch.testing.assert_close(outs["ours"][0], outs["peft"][0], rtol=1e-6, atol=1e-6)
+    for n, g in outs["peft"][1].items():
+        torch.testing.assert_close(outs["ours"][1][n], g, rtol=1e-5, atol=1e-6, msg=n)
 
 
 def test_bf16_without_autocast_runs_adapters_in_bf16():

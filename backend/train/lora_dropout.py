@@ -26,6 +26,17 @@ do here:
   steps. Under autocast the result is bit-for-bit peft's; without it (e.g.
   generating samples with a bf16 base) it is within bf16 rounding of peft's
   fp32 adapter (tested).
+- peft adds the adapter as ``result + B(A x) * scale``: for each adapted
+  linear a full-size (tokens x out_features) product, a full-size scaling
+  multiply and a full-size add in the forward, and the multiply again in the
+  backward; these memory-bound passes were most of ``aten::mul``/``add``
+  (13% and 5% of a bf16 step on a hidden-1024 model). For a plain linear
+  base we run the base on the flattened tokens and let B's GEMM add its
+  product into that output in place, scaled by the GEMM itself
+  (``addmm_(h, Bᵀ, alpha=scale)``): no full-size intermediate at all. One
+  rounding instead of three in bf16; fp32 within 1e-6 of peft's (tested).
+  B's weight is read inside B's own forward, so ZeRO-3's gather hooks still
+  fire.
 
 The parameters are the same ``Parameter`` objects under the same names
 (``...lora_A.default.weight``), so saving, merging, ZeRO-3 and peft's own
@@ -50,10 +61,14 @@ class AdapterLinear(nn.Linear):
         self.bias = linear.bias
         self.dropout = float(dropout)
 
-    def forward(self, x):
+    def forward(self, x, into=None, scale: float = 1.0):
+        """``F.linear(dropout(x))``; with ``into`` (a 2-D output of the base layer):
+        ``into += scale * dropout(x) @ Wᵀ`` in place, the add and scale inside the GEMM."""
         if self.dropout and self.training:
             x = F.dropout(x, self.dropout, training=True)
         w, b = self.weight, self.bias
+        if into is not None:
+            return into.addmm_(x.reshape(-1, x.shape[-1]).to(into.dtype), w.to(into.dtype).t(), alpha=scale)
         if w.dtype != x.dtype and x.is_floating_point():
             w = w.to(x.dtype)
             b = None if b is None else b.to(x.dtype)
@@ -61,6 +76,32 @@ class AdapterLinear(nn.Linear):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", dropout={self.dropout}"
+
+
+def _fused_class():
+    """peft's LoRA ``Linear`` with the adapters' product added inside B's GEMM (see the module's doc);
+    anything it does not cover (adapters disabled or merged, mixed-adapter batches, extra
+    arguments, a bias on B, a base that is not ``nn.Linear``) goes to peft's own forward."""
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    class FusedLoraLinear(LoraLinear):
+        def forward(self, x, *args, **kwargs):
+            if args or kwargs or self.disable_adapters or self.merged or not self._fusable():
+                return super().forward(x, *args, **kwargs)
+            flat = x.reshape(-1, x.shape[-1])
+            result = self.base_layer(flat)
+            for name in self.active_adapters:
+                if name in self.lora_A:
+                    h = self.lora_A[name](flat)
+                    self.lora_B[name](h, into=result, scale=self.scaling[name])
+            return result.view(*x.shape[:-1], result.shape[-1])
+
+        def _fusable(self) -> bool:
+            return type(self.base_layer) is nn.Linear and all(
+                isinstance(self.lora_A[n], AdapterLinear) and self.lora_B[n].bias is None
+                and n not in self.lora_variant for n in self.active_adapters if n in self.lora_A)
+
+    return LoraLinear, FusedLoraLinear
 
 
 def install(model, dropout: float) -> int:
@@ -86,4 +127,10 @@ def install(model, dropout: float) -> int:
             changed += 1
         if changed > before:
             layer.cast_input_dtype_enabled = False  # AdapterLinear casts its weight instead
+            peft_linear, fused = _FUSED
+            if type(layer) is peft_linear:
+                layer.__class__ = fused  # same state and parameters; only the forward differs
     return changed
+
+
+_FUSED = _fused_class()
