@@ -23,9 +23,9 @@ do here:
   We cast the adapter's weights instead (r x in_features, small) to the
   activations' dtype, which is what autocast does anyway: the matmuls run in
   bf16, the gradients still land in the fp32 master weights the optimizer
-  steps. Under autocast the result is bit-for-bit peft's; without it (e.g.
-  generating samples with a bf16 base) it is within bf16 rounding of peft's
-  fp32 adapter (tested).
+  steps. Under autocast the matmuls see the operands peft's would; without
+  it (e.g. generating samples with a bf16 base) the result is within bf16
+  rounding of peft's fp32 adapter (tested).
 - peft adds the adapter as ``result + B(A x) * scale``: for each adapted
   linear a full-size (tokens x out_features) product, a full-size scaling
   multiply and a full-size add in the forward, and the multiply again in the
