@@ -177,8 +177,13 @@ def respond(ctx: StudioContext, msg, hist_t, hist_b, choice, tpl, sys_text, both
         yield hist_t, hist_b if base is not None else gr.skip(), gr.skip(), gr.skip()
 
 
-def unload(ctx: StudioContext) -> str:
-    """Unload every chat model; say what that freed."""
+def unload(ctx: StudioContext, request: gr.Request = None) -> str:
+    """Unload every chat model; say what that freed. It frees models other users may be chatting
+    with, so it is a "control" action: a viewer may not."""
+    try:
+        ctx.require(request, "control")
+    except USER_ERRORS as exc:
+        return error_md(exc)
     gone = ctx.models.unload_all()
     if not gone:
         return "No chat model is loaded."

@@ -2,7 +2,7 @@
 with an --auth-file of an admin, two trainers and a viewer, called as each of
 them straight through its API (gradio_client, and raw HTTP with Gradio's login
 cookie). A viewer may read but not launch, save, upload, export, evaluate,
-share, abort or resume; a trainer may launch and control only their own runs;
+share, abort, resume or unload the chat models; a trainer may launch and control only their own runs;
 an admin may control anyone's. Runs record who started them."""
 
 from __future__ import annotations
@@ -125,6 +125,11 @@ def test_a_viewer_cannot_launch_or_write_even_by_raw_http(studio):
     status, *_ = client(studio, "vic").predict("demo", "never", "", None, "", api_name="/share_create")
     assert REFUSED in status, status
     assert runs_in(studio["work"]) == before
+    # unloading the chat models frees them for everyone: a viewer may not, a trainer may
+    (said,) = raw_call(studio, "vic", "chat_unload", [])
+    assert REFUSED in said and "viewer" in said, said
+    said = client(studio, "tess").predict(api_name="/chat_unload")
+    assert said.startswith(("No chat model is loaded", "Unloaded ")), said
 
 
 def test_trainers_control_only_their_own_runs_admins_any(studio):
