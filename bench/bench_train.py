@@ -228,9 +228,9 @@ def one(model_key: str, variant: str, precision: str, steps: int, warmup: int, w
 
     from backend.train.trainer import StudioTrainer
 
-    tok, data, model, collator, n_params = build(model_key, variant, max_length, workdir, dropout, precision == "bf16")
-    counter = Counter()
     bf16 = precision == "bf16"
+    tok, data, model, collator, n_params = build(model_key, variant, max_length, workdir, dropout, bf16)
+    counter = Counter()
     args = TrainingArguments(
         output_dir=str(workdir / "out"), per_device_train_batch_size=4, max_steps=steps + warmup,
         learning_rate=1e-4, logging_steps=10**6, save_strategy="no", report_to=[], disable_tqdm=True,
