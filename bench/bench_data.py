@@ -91,7 +91,7 @@ LLAMA_FACTORY_COLD = 2690.0  # ex/s, the issue's figure on this machine kind (LL
 PROFILE_PARTS = {
     "map_fn (map_row)": ("map_row",),
     "template render (ours)": ("_render_turns", "format_input"),
-    "template render (chat template)": ("apply_chat_template",),
+    "template render (chat template)": ("apply_chat_template", "render_chat_template"),
     "tokenize (Rust, batched)": ("encode_batch_fast", "encode_batch"),
     "Arrow write": ("write_table", "write_batch"),
 }

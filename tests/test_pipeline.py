@@ -124,10 +124,11 @@ def test_packing_keeps_every_token_and_isolates_positions(minimind_tokenizer):
 def test_packing_is_deterministic_per_seed(minimind_tokenizer):
     samples, _ = build_dataset(CODE_ALPACA, tokenizer=minimind_tokenizer, template="qwen_chat",
                                max_length=256, max_rows=300)
-    a = pack_dataset(samples, 256, seed=1)["input_ids"][:]
-    b = pack_dataset(samples, 256, seed=1)["input_ids"][:]
-    c = pack_dataset(samples, 256, seed=2)["input_ids"][:]
-    assert a == b and a != c
+    a, b, c = pack_dataset(samples, 256, seed=1), pack_dataset(samples, 256, seed=1), pack_dataset(samples, 256, seed=2)
+    assert a["input_ids"][:] == b["input_ids"][:] and a["input_ids"][:] != c["input_ids"][:]
+    # the blocks' fingerprint names what they are made of (datasets keys its caches on it)
+    assert a._fingerprint == b._fingerprint != c._fingerprint != pack_dataset(samples, 512, seed=2)._fingerprint
+    assert pack_dataset(samples.select(range(100)), 256, seed=1)._fingerprint != a._fingerprint
 
 
 def test_plan_bins_best_fit():

@@ -218,6 +218,73 @@ def test_hf_chat_template_trains_a_first_answer_token_bpe_would_merge_with_the_p
     assert out["input_ids"][:len(prompt)] == prompt
 
 
+def test_hf_chat_template_renders_through_the_compiled_template_as_apply_chat_template_does(minimind_tokenizer):
+    """The batch path renders with transformers' compiled template straight (no per-conversation
+    re-validation): every text equals apply_chat_template's, with and without the generation prompt, and a
+    str subclass in a message reaches the template as a plain str."""
+    from backend.data.encode import _ChatRenderer
+
+    class Marked(str):
+        def shout(self):  # a method a template must never see
+            return self.upper()
+
+    chats = [to_messages(get_map_fn("openai")(row)["conversation"]) for row in MLLM[:30]]
+    chats[0][0]["content"] = Marked(chats[0][0]["content"])
+    render = _ChatRenderer(minimind_tokenizer)
+    assert render.direct is not None
+    for add_generation_prompt in (False, True):
+        got = render(chats, add_generation_prompt)
+        assert render.checked[add_generation_prompt] is True  # the direct path was taken
+        assert got == list(minimind_tokenizer.apply_chat_template(chats, tokenize=False,
+                                                                  add_generation_prompt=add_generation_prompt))
+    assert type(to_messages([{"input": Marked("hi"), "output": "yo"}])[0]["content"]) is str
+
+
+def test_the_direct_render_keeps_the_sandbox(minimind_tokenizer):
+    """The direct path reads a message's keys first, and nothing else: a template reaching for a dict's
+    internals is stopped by the same SecurityError as through apply_chat_template."""
+    import importlib
+
+    import jinja2
+
+    encode_module = importlib.import_module("backend.data.encode")
+    tok = copy.deepcopy(minimind_tokenizer)
+    tok.chat_template = "{% for m in messages %}{{ m.role }}{{ m.__class__.__mro__[1].__subclasses__() }}{% endfor %}"
+    messages = [{"role": "user", "content": "hi"}]
+    with pytest.raises(jinja2.exceptions.SecurityError, match="__class__"):
+        tok.apply_chat_template(messages, tokenize=False)
+    with pytest.raises(jinja2.exceptions.SecurityError, match="__class__"):
+        encode_module._template_renderer(tok)(messages, False)
+    tok.chat_template = "{% for m in messages %}{{ m.role }}:{{ m.items()|list|length }}:{{ m.nothing }};{% endfor %}"
+    assert encode_module._template_renderer(tok)(messages, False) == tok.apply_chat_template(messages,
+                                                                                             tokenize=False) == "user:2:;"
+
+
+def test_hf_chat_template_falls_back_to_apply_chat_template_when_the_direct_render_differs(minimind_tokenizer,
+                                                                                           monkeypatch):
+    """Should transformers render differently from the compiled template called straight (a new template
+    variable, say), the first conversation's check catches it and the batch goes through
+    apply_chat_template: the encoded samples are the same as ever."""
+    import importlib
+
+    encode_module = importlib.import_module("backend.data.encode")  # backend.data.encode is also the function
+
+    conv = [{"input": "Hi there", "output": "Hello."}, {"input": "And?", "output": "Bye."}]
+    expected = encode(conv, minimind_tokenizer, "hf_chat_template")
+    real = encode_module._template_renderer
+
+    def drifting(tokenizer):
+        direct = real(tokenizer)
+        return lambda messages, add_generation_prompt: "drift " + direct(messages, add_generation_prompt)
+
+    monkeypatch.setattr(encode_module, "_template_renderer", drifting)
+    render = encode_module._ChatRenderer(minimind_tokenizer)
+    assert render([to_messages(conv)], False) == [minimind_tokenizer.apply_chat_template(to_messages(conv),
+                                                                                         tokenize=False)]
+    assert render.checked[False] is False
+    assert encode(conv, minimind_tokenizer, "hf_chat_template") == expected
+
+
 def test_hf_chat_template_needs_a_chat_template(stories_tokenizer):
     with pytest.raises(DataError, match="chat_template"):
         encode([{"input": "a", "output": "b"}], stories_tokenizer, "hf_chat_template")

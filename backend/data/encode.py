@@ -28,6 +28,7 @@ call into the Rust tokenizer, which is where almost all the time goes.
 
 from __future__ import annotations
 
+import functools
 from itertools import chain, islice
 from typing import Sequence
 
@@ -248,15 +249,20 @@ def _assemble(pieces, trained, owner, empty, max_length) -> _Flat:
 
 
 def to_messages(conversation: list[dict]) -> list[dict]:
-    """XTuner turns -> chat messages (role/content), for chat templates."""
+    """XTuner turns -> chat messages (role/content), for chat templates. The contents are exact ``str``
+    (a subclass of it could carry methods into the template's sandbox)."""
     messages = []
     for turn in conversation:
         if turn.get("system"):
-            messages.append({"role": "system", "content": turn["system"]})
-        messages.append({"role": "user", "content": turn.get("input") or ""})
+            messages.append({"role": "system", "content": _plain_str(turn["system"])})
+        messages.append({"role": "user", "content": _plain_str(turn.get("input") or "")})
         if turn.get("output") is not None:
-            messages.append({"role": "assistant", "content": turn["output"]})
+            messages.append({"role": "assistant", "content": _plain_str(turn["output"])})
     return messages
+
+
+def _plain_str(text: str) -> str:
+    return text if type(text) is str else str.__str__(text)
 
 
 def encode_chat_template(conversation: list[dict], tokenizer, max_length: int | None = None):
@@ -266,12 +272,77 @@ def encode_chat_template(conversation: list[dict], tokenizer, max_length: int | 
     return flat.ids.tolist(), flat.labels.tolist(), bool(flat.truncated[0]), int(flat.dropped[0])
 
 
-def _render_chats(tokenizer, chats: list[list[dict]], add_generation_prompt: bool) -> list[str]:
-    """Many conversations through the chat template in one call (its per-call set-up, the special
-    tokens map and the compiled template look-up, is paid once a batch, not three times a row)."""
-    if not chats:
-        return []
+class _ChatRenderer:
+    """Conversations through the chat template: the compiled template straight (``_template_renderer``)
+    once it has rendered a conversation exactly as ``apply_chat_template`` does (checked once per batch,
+    with and without the generation prompt), else ``apply_chat_template``."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.direct = _template_renderer(tokenizer)
+        self.checked: dict[bool, bool] = {}  # add_generation_prompt -> the direct render is exact
+
+    def __call__(self, chats: list[list[dict]], add_generation_prompt: bool) -> list[str]:
+        if not chats:
+            return []
+        if self.direct is not None and add_generation_prompt not in self.checked:
+            reference = _apply_chat_template(self.tokenizer, chats[:1], add_generation_prompt)[0]
+            self.checked[add_generation_prompt] = self.direct(chats[0], add_generation_prompt) == reference
+        if self.checked.get(add_generation_prompt):
+            return [self.direct(chat, add_generation_prompt) for chat in chats]
+        return _apply_chat_template(self.tokenizer, chats, add_generation_prompt)
+
+
+def _apply_chat_template(tokenizer, chats: list[list[dict]], add_generation_prompt: bool) -> list[str]:
     return list(tokenizer.apply_chat_template(chats, tokenize=False, add_generation_prompt=add_generation_prompt))
+
+
+def _template_renderer(tokenizer):
+    """``(messages, add_generation_prompt) -> text`` through the tokenizer's chat template compiled in
+    an overlay of transformers' own sandboxed environment (``_fast_template``), or None where that is
+    not at hand. Why by hand: ``apply_chat_template`` re-validates and deep-copies each conversation into
+    plain JSON data (for caller objects, media and tools), which the messages ``to_messages`` builds
+    already are (dicts of ``str``); the template's variables (the special tokens, ``tools`` and
+    ``documents`` None) are the same. ``_ChatRenderer`` checks a first render of each batch against
+    ``apply_chat_template``'s."""
+    try:
+        compiled = _fast_template(tokenizer.get_chat_template())
+    except (ImportError, AttributeError, ValueError, TypeError):
+        return None
+    variables = dict(tokenizer.special_tokens_map)
+
+    def render_chat_template(messages: list[dict], add_generation_prompt: bool) -> str:
+        return compiled.render(messages=messages, tools=None, documents=None,
+                               add_generation_prompt=add_generation_prompt, **variables)
+
+    return render_chat_template
+
+
+_DICT_ATTRIBUTES = frozenset(dir(dict))
+
+
+@functools.lru_cache(maxsize=8)
+def _fast_template(source: str):
+    """``source`` compiled in an overlay of the environment transformers compiles chat templates in (the
+    same sandbox, extensions, filters and globals) whose ``getattr`` reads a plain dict's key first when
+    the name is no attribute of dict. The sandbox's own ``getattr`` does exactly that too, but only after
+    ``getattr(dict, name)`` has raised AttributeError, for every ``message.role`` / ``message.content``
+    of every render: a fifth of a render. The result is the same value or the same undefined."""
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+
+    env = _compile_jinja_template(source).environment.overlay()
+    sandboxed_getattr = type(env).getattr
+
+    def getattr_dict_key_first(obj, attribute):
+        if type(obj) is dict and attribute not in _DICT_ATTRIBUTES:
+            try:
+                return obj[attribute]
+            except KeyError:
+                return env.undefined(obj=obj, name=attribute)
+        return sandboxed_getattr(env, obj, attribute)
+
+    env.getattr = getattr_dict_key_first
+    return env.from_string(source)
 
 
 def _chat_spans(conversation: list[dict], messages: list[dict], text: str, prompts, uptos):
@@ -294,17 +365,28 @@ def _chat_spans(conversation: list[dict], messages: list[dict], text: str, promp
 
 
 def _encode_chat_batch(conversations: Sequence[list[dict]], tokenizer, max_length) -> _Flat:
-    """``hf_chat_template`` for a batch: every conversation, and every prefix of it up to an assistant
-    message (with and without the generation prompt; the prefix that is the whole conversation is not
-    rendered twice), in three template calls; then prompt and answer parts tokenized apart
-    (``_chat_parts``) in one call into the Rust tokenizer. Rendering (jinja's sandbox) and tokenizing
-    are about all the time this takes."""
+    """``hf_chat_template`` for a batch: the prompt and answer parts of every conversation
+    (``_chat_texts``), tokenized in one call into the Rust tokenizer. Rendering (jinja's sandbox) and
+    tokenizing are about all the time this takes. (Rendering chunk k+1 on a thread while the
+    tokenizer ran on chunk k gained nothing measurable: the tokenizer already keeps both cores busy.)"""
     if not getattr(tokenizer, "chat_template", None):
         raise DataError(
             "template 'hf_chat_template' needs a tokenizer with a chat_template; this one has none. "
             "Pick a named template (ftstudio list-template)."
         )
     messages = [to_messages(c) if c else [] for c in conversations]
+    trained, owner = [], []
+    parts = _chat_texts(conversations, messages, _ChatRenderer(tokenizer), trained, owner)
+    pieces = _tokenize_many(tokenizer, parts) if parts else []
+    empty = np.fromiter((not m for m in messages), dtype=bool, count=len(messages))
+    return _assemble(pieces, trained, owner, empty, max_length)
+
+
+def _chat_texts(conversations, messages, render, trained: list, owner: list) -> list[str]:
+    """The prompt and answer texts of the conversations (each's loss flag and row appended to ``trained``
+    and ``owner``): every conversation, and every prefix of it up to an assistant message (with and
+    without the generation prompt; the prefix that is the whole conversation is not rendered twice),
+    in three template calls, then cut by ``_chat_parts``."""
     whole, prompts, uptos = [], [], []
     for msgs in messages:
         if msgs:
@@ -314,23 +396,19 @@ def _encode_chat_batch(conversations: Sequence[list[dict]], tokenizer, max_lengt
                 prompts.append(msgs[:k])
                 if k + 1 < len(msgs):
                     uptos.append(msgs[: k + 1])
-    texts = iter(_render_chats(tokenizer, whole, False))
-    prompt_texts = iter(_render_chats(tokenizer, prompts, True))
-    upto_texts = iter(_render_chats(tokenizer, uptos, False))
-    parts, trained, owner = [], [], []
-    for n, (conversation, msgs) in enumerate(zip(conversations, messages)):
+    texts, prompt_texts, upto_texts = iter(render(whole, False)), iter(render(prompts, True)), iter(render(uptos, False))
+    parts = []
+    for n, msgs in enumerate(messages):
         if not msgs:
             continue
         text = next(texts)
         # the prefix up to the last message is the whole text, rendered once
         ends = chain(islice(upto_texts, _count_assistant(msgs[:-1])), [text] if msgs[-1]["role"] == "assistant" else [])
-        for part, loss in _chat_parts(text, _chat_spans(conversation, msgs, text, prompt_texts, iter(ends))):
+        for part, loss in _chat_parts(text, _chat_spans(conversations[n], msgs, text, prompt_texts, iter(ends))):
             parts.append(part)
             trained.append(loss)
             owner.append(n)
-    pieces = _tokenize_many(tokenizer, parts) if parts else []
-    empty = np.fromiter((not m for m in messages), dtype=bool, count=len(messages))
-    return _assemble(pieces, trained, owner, empty, max_length)
+    return parts
 
 
 def _count_assistant(messages: list[dict]) -> int:
