@@ -1,0 +1,39 @@
+"""Keep a training process's freed memory for reuse instead of handing it back to the kernel.
+
+Why this exists. A training step allocates and frees the same large tensors
+every step (activations, attention scores, logits, gradients: from hundreds
+of KiB to tens of MiB each). glibc's malloc serves a block over its mmap
+threshold (128 KiB at first, raised only as far as the largest mmapped block
+freed so far) with a fresh ``mmap`` and gives the heap's top back on free
+past its trim threshold, so each step the kernel maps, faults in and zeroes
+the same pages again. Measured on a CPU LoRA run (4.2M Llama, bf16, packed
+blocks of 512, micro-batch 4, 33 steps; ``bench/bench_train.py``): 594k minor
+page faults and 3.9 s of system time with glibc's defaults, 239k and 2.2 s
+with the settings below, peak RSS the same (the memory kept is memory the
+step uses again). glibc reads the same settings from ``MALLOC_*_``
+environment variables only when a process starts, so a running process sets
+them with ``mallopt(3)``; with another C library (musl's ``mallopt`` does
+nothing, macOS has none) nothing changes.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+# mallopt(3)'s parameter numbers (glibc's malloc.h)
+M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
+SETTINGS = (
+    (M_MMAP_THRESHOLD, 32 * 2**20),  # glibc's largest: blocks up to 32 MiB come from the heap and are reused
+    (M_TRIM_THRESHOLD, 2**31 - 1),  # never give the heap's top back while the run lives
+    (M_TOP_PAD, 64 * 2**20),  # grow the heap in 64 MiB steps (address space; pages count once touched)
+)
+
+
+def keep_freed_memory() -> bool:
+    """Set SETTINGS for this process; True where the C library took them all."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt  # the C library this process already runs on
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+    return all(mallopt(param, value) == 1 for param, value in SETTINGS)
