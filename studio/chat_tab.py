@@ -15,6 +15,7 @@ import gradio as gr
 
 from backend.chat import ChatModel, GenerationSettings, stream_reply
 from backend.core.artifacts import model_source, recorded_base
+from backend.core.guard import GuardError
 from backend.data import TEMPLATES
 from backend.models import placed_on
 from backend.runs import active_runs
@@ -38,9 +39,19 @@ def _run_item(ctx: StudioContext, choice: str):
     return catalog.run_item(ctx.guard, choice)
 
 
-def resolve(ctx: StudioContext, choice: str) -> str:
-    """A choice -> a model folder, 'demo' or a Hub id (``catalog.resolve``: checkpoints convert once)."""
-    return catalog.resolve(ctx.guard, choice)
+def resolve(ctx: StudioContext, choice: str, may_convert: bool = True) -> str:
+    """A choice -> a model folder, 'demo' or a Hub id (``catalog.resolve``: checkpoints convert once, by a
+    caller who may write)."""
+    return catalog.resolve(ctx.guard, choice, may_convert=may_convert)
+
+
+def may_write(ctx: StudioContext, request) -> bool:
+    """Whether the caller's role may write files (converting a checkpoint for chat writes into its run)."""
+    try:
+        ctx.require(request, "write")
+    except GuardError:
+        return False
+    return True
 
 
 def recorded(ctx: StudioContext, choice: str) -> tuple[str | None, str]:
@@ -110,9 +121,10 @@ def status_line(ctx: StudioContext, tuned: ChatModel, base: ChatModel | None, ba
     return note + (f"  \n**Note:** {shared_run}" if shared_run else "")
 
 
-def load_models(ctx: StudioContext, choice, tpl, sys_text, both) -> tuple[ChatModel, ChatModel | None, str]:
+def load_models(ctx: StudioContext, choice, tpl, sys_text, both,
+                may_convert: bool = True) -> tuple[ChatModel, ChatModel | None, str]:
     """(fine-tuned, base or None, status line) for a choice; the base shares the tuned model when it is an adapter."""
-    folder = resolve(ctx, choice)
+    folder = resolve(ctx, choice, may_convert)
     llm, adapter = model_source(folder)
     trust = ctx.allow_custom_code
     tuned = ctx.models.get(llm, adapter, template=None if tpl == RECORDED else tpl, guard=ctx.guard,
@@ -152,15 +164,17 @@ def _round_robin(streams):
         yield
 
 
-def respond(ctx: StudioContext, msg, hist_t, hist_b, choice, tpl, sys_text, both, temp, tp, tk, mx, rep):
-    """Send: append the message at once, then stream the reply (and the base's, side by side)."""
+def respond(ctx: StudioContext, msg, hist_t, hist_b, choice, tpl, sys_text, both, temp, tp, tk, mx, rep,
+            request: gr.Request = None):
+    """Send: append the message at once, then stream the reply (and the base's, side by side). Anyone who
+    may read chats; a checkpoint not yet converted needs a caller who may write."""
     if not isinstance(msg, str) or not msg.strip():
         yield gr.skip(), gr.skip(), gr.skip(), gr.skip()
         return
     try:
         settings = GenerationSettings(max_new_tokens=int(mx), temperature=float(temp), top_p=float(tp),
                                       top_k=int(tk), repetition_penalty=float(rep)).checked()
-        tuned, base, note = load_models(ctx, choice, tpl, sys_text, both)
+        tuned, base, note = load_models(ctx, choice, tpl, sys_text, both, may_convert=may_write(ctx, request))
     except USER_ERRORS as exc:
         yield gr.skip(), gr.skip(), "", error_md(exc)
         return

@@ -242,3 +242,31 @@ def test_chat_tab_side_by_side_unload_and_a_training_run_note(tiny_model, adapte
     said = chat_tab.unload(ctx)
     assert said.startswith(f"Unloaded {tiny_model} + {adapter}: ") and "MiB of weights freed" in said
     assert len(ctx.models) == 0 and chat_tab.unload(ctx) == "No chat model is loaded."
+
+
+def test_a_viewer_cannot_make_the_chat_convert_a_checkpoint(tmp_path):
+    """Chatting with a run's iter_N.pth converts it once into <run>/hf/iter_N: a write. A viewer's chat is
+    refused in words before anything is written; a trainer's goes on to the conversion (here it fails on
+    the junk checkpoint, also without leaving anything behind)."""
+    from types import SimpleNamespace
+
+    from backend.core.rundir import RunDir
+    from studio import chat_tab
+    from studio.context import StudioContext
+
+    ctx = StudioContext(tmp_path / "work", roles={"vic": "viewer", "tim": "trainer"})
+    run = RunDir(ctx.work_dir / "sft-1")
+    run.claim_new()
+    run.write_status(state="finished", user="tim")
+    (run.path / "iter_5.pth").write_bytes(b"not a checkpoint")
+    args = ("Hi", [], [], "sft-1/iter_5.pth", "(as trained)", "", False, 0.0, 0.75, 40, 8, 1.0)
+
+    def note_for(user):
+        return list(chat_tab.respond(ctx, *args, request=SimpleNamespace(username=user)))[-1][3]
+
+    said = note_for("vic")
+    assert "not converted yet" in said and "which you may not" in said, said
+    assert not (run.path / "hf").exists()
+    said = note_for("tim")
+    assert "not converted yet" not in said and "iter_5.pth" in said, said  # the conversion ran, and said why it failed
+    assert not (run.path / "hf" / "iter_5").exists()

@@ -15,7 +15,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from backend.config import load_config
-from backend.core.artifacts import CONVERTED_SUBDIR, MERGED_SUBDIR, exported_folders, iter_step, read_meta
+from backend.core.artifacts import (CONVERTED, CONVERTED_SUBDIR, MERGED_SUBDIR, converted_dir, exported_folders,
+                                    iter_step, output_kind, read_meta)
 from backend.core.guard import Guard, GuardError
 from backend.core.rundir import RunDir
 from backend.runs import list_runs
@@ -47,8 +48,10 @@ def run_item(guard: Guard, spec: str) -> tuple[RunDir, Path] | None:
     return None
 
 
-def resolve(guard: Guard, spec: str) -> str:
-    """A spec -> a model folder, 'demo' or a Hub id (a checkpoint is converted once, on first use)."""
+def resolve(guard: Guard, spec: str, *, may_convert: bool = True) -> str:
+    """A spec -> a model folder, 'demo' or a Hub id (a checkpoint is converted once, on first use).
+    ``may_convert=False`` (a caller who may not write, e.g. a viewer) refuses a checkpoint not yet
+    converted: converting writes ``<run>/hf/iter_N``."""
     from backend.export import ensure_hf
 
     if not spec or not str(spec).strip():
@@ -56,8 +59,14 @@ def resolve(guard: Guard, spec: str) -> str:
     item = run_item(guard, str(spec).strip())
     if item is None:
         return guard.model(str(spec).strip(), "model")
-    _, path = item
-    return str(ensure_hf(path, guard=guard, log=lambda *_: None)) if iter_step(path) is not None else str(path)
+    run, path = item
+    if iter_step(path) is None:
+        return str(path)
+    if not may_convert and output_kind(converted_dir(path)) != CONVERTED:
+        raise GuardError(f"model {spec}: this checkpoint is not converted yet, and converting it writes into run "
+                         f"{run.name}, which you may not; a trainer or admin converts it once by chatting with it "
+                         "(or with ftstudio convert pth_to_hf), then anyone can chat with it")
+    return str(ensure_hf(path, guard=guard, log=lambda *_: None))
 
 
 def recorded(guard: Guard, spec: str) -> tuple[str | None, str]:
