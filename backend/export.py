@@ -119,10 +119,15 @@ def _write_full(ckpt, base_path: str, base_name: str, folder: Path, trust_remote
     model.save_pretrained(folder, safe_serialization=safe_serialization, max_shard_size=max_shard_size)
 
 
+def is_converted(pth: str | os.PathLike) -> bool:
+    """Whether a run's ``pth`` already has its converted folder (``ensure_hf`` would write nothing)."""
+    return output_kind(converted_dir(pth)) == CONVERTED
+
+
 def ensure_hf(pth: str | os.PathLike, guard: Guard | None = None, log=print) -> Path:
     """The converted folder of a run's ``pth`` (converting it the first time)."""
     out = converted_dir(pth)
-    if output_kind(out) != CONVERTED:
+    if not is_converted(pth):
         pth_to_hf(pth, out, guard=guard, log=log)
     return out
 

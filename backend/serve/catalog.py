@@ -15,8 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from backend.config import load_config
-from backend.core.artifacts import (CONVERTED, CONVERTED_SUBDIR, MERGED_SUBDIR, converted_dir, exported_folders,
-                                    iter_step, output_kind, read_meta)
+from backend.core.artifacts import CONVERTED_SUBDIR, MERGED_SUBDIR, exported_folders, iter_step, read_meta
 from backend.core.guard import Guard, GuardError
 from backend.core.rundir import RunDir
 from backend.runs import list_runs
@@ -52,7 +51,7 @@ def resolve(guard: Guard, spec: str, *, may_convert: bool = True) -> str:
     """A spec -> a model folder, 'demo' or a Hub id (a checkpoint is converted once, on first use).
     ``may_convert=False`` (a caller who may not write, e.g. a viewer) refuses a checkpoint not yet
     converted: converting writes ``<run>/hf/iter_N``."""
-    from backend.export import ensure_hf
+    from backend.export import ensure_hf, is_converted
 
     if not spec or not str(spec).strip():
         raise GuardError("pick a model")
@@ -62,7 +61,7 @@ def resolve(guard: Guard, spec: str, *, may_convert: bool = True) -> str:
     run, path = item
     if iter_step(path) is None:
         return str(path)
-    if not may_convert and output_kind(converted_dir(path)) != CONVERTED:
+    if not may_convert and not is_converted(path):
         raise GuardError(f"model {spec}: this checkpoint is not converted yet, and converting it writes into run "
                          f"{run.name}, which you may not; a trainer or admin converts it once by chatting with it "
                          "(or with ftstudio convert pth_to_hf), then anyone can chat with it")
