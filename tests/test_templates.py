@@ -5,6 +5,7 @@ real chat template, and the whole pipeline against XTuner's own
 from __future__ import annotations
 
 import copy
+import importlib
 import json
 
 import pytest
@@ -30,6 +31,7 @@ from xtuner_oracle import (
     xtuner_template_map_fn,
 )
 
+encode_module = importlib.import_module("backend.data.encode")  # the module: backend.data.encode is also the function
 FIELDS = {"SYSTEM": None, "INSTRUCTION": None, "SUFFIX": "", "SUFFIX_AS_EOS": False, "SEP": "", "STOP_WORDS": ()}
 DEFAULT_SYSTEM = "You are a helpful assistant"  # what minimind's chat_template puts when there is none
 
@@ -222,15 +224,13 @@ def test_hf_chat_template_renders_through_the_compiled_template_as_apply_chat_te
     """The batch path renders with transformers' compiled template straight (no per-conversation
     re-validation): every text equals apply_chat_template's, with and without the generation prompt, and a
     str subclass in a message reaches the template as a plain str."""
-    from backend.data.encode import _ChatRenderer
-
     class Marked(str):
         def shout(self):  # a method a template must never see
             return self.upper()
 
     chats = [to_messages(get_map_fn("openai")(row)["conversation"]) for row in MLLM[:30]]
     chats[0][0]["content"] = Marked(chats[0][0]["content"])
-    render = _ChatRenderer(minimind_tokenizer)
+    render = encode_module._ChatRenderer(minimind_tokenizer)
     assert render.direct is not None
     for add_generation_prompt in (False, True):
         got = render(chats, add_generation_prompt)
@@ -243,11 +243,8 @@ def test_hf_chat_template_renders_through_the_compiled_template_as_apply_chat_te
 def test_the_direct_render_keeps_the_sandbox(minimind_tokenizer):
     """The direct path reads a message's keys first, and nothing else: a template reaching for a dict's
     internals is stopped by the same SecurityError as through apply_chat_template."""
-    import importlib
-
     import jinja2
 
-    encode_module = importlib.import_module("backend.data.encode")
     tok = copy.deepcopy(minimind_tokenizer)
     tok.chat_template = "{% for m in messages %}{{ m.role }}{{ m.__class__.__mro__[1].__subclasses__() }}{% endfor %}"
     messages = [{"role": "user", "content": "hi"}]
@@ -265,10 +262,6 @@ def test_hf_chat_template_falls_back_to_apply_chat_template_when_the_direct_rend
     """Should transformers render differently from the compiled template called straight (a new template
     variable, say), the first conversation's check catches it and the batch goes through
     apply_chat_template: the encoded samples are the same as ever."""
-    import importlib
-
-    encode_module = importlib.import_module("backend.data.encode")  # backend.data.encode is also the function
-
     conv = [{"input": "Hi there", "output": "Hello."}, {"input": "And?", "output": "Bye."}]
     expected = encode(conv, minimind_tokenizer, "hf_chat_template")
     real = encode_module._template_renderer
