@@ -24,34 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_train  # noqa: E402  (its model, tokenizer and data builders; it puts the project on sys.path)
-
-
-def make_step(model, optimizer, params):
-    """One training step through ``inner`` (the eager or the compiled decoder): bench_train.hand_loop's math."""
-    import torch
-    import torch.nn.functional as F
-
-    base = model.get_base_model()
-
-    def step(batch, inner) -> float:
-        batch = dict(batch)
-        labels = batch.pop("labels")
-        select = torch.zeros_like(labels, dtype=torch.bool)
-        select[:, :-1] = labels[:, 1:] != -100
-        targets = labels[:, 1:][select[:, :-1]]
-        keep = {k: v for k, v in batch.items() if k not in ("num_tokens", "item_lens")}
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            hidden = inner(**keep, use_cache=False).last_hidden_state
-            logits = base.lm_head(hidden[select])
-        loss = F.cross_entropy(logits.float(), targets, reduction="sum") / max(targets.numel(), 1)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss.item()
-
-    return step
+import bench_train  # noqa: E402  (its builders and loop_step; it puts the project on sys.path)
 
 
 def main():
@@ -72,20 +45,25 @@ def main():
                         generator=torch.Generator().manual_seed(0))
     batches = list(itertools.islice(itertools.cycle(loader), 40))
     params = [p for p in model.parameters() if p.requires_grad]
-    step = make_step(model, torch.optim.AdamW(params, lr=1e-4), params)
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
     model.train()
     eager = model.get_base_model().model
     compiled = torch.compile(eager, dynamic=False)
+    stream = itertools.cycle(batches)
+
+    def step(decoder) -> None:
+        bench_train.loop_step(model, decoder, next(stream), optimizer, params, bf16=True)
+
     t0 = time.perf_counter()
-    step(batches[0], compiled)
+    step(compiled)
     print(f"first compiled step: {time.perf_counter() - t0:.1f} s (compile, or inductor's cache)")
-    step(batches[1], eager)
+    step(eager)
     blocks = {"eager": [], "compiled": []}
-    for i in range(args.rounds):
-        for name, inner in (("eager", eager), ("compiled", compiled)):
+    for _ in range(args.rounds):
+        for name, decoder in (("eager", eager), ("compiled", compiled)):
             t0 = time.perf_counter()
-            for k in range(args.steps_per_block):
-                step(batches[(2 + (2 * i + (name == "compiled")) * args.steps_per_block + k) % len(batches)], inner)
+            for _ in range(args.steps_per_block):
+                step(decoder)
             blocks[name].append(1000 * (time.perf_counter() - t0) / args.steps_per_block)
     for name, ms in blocks.items():
         print(f"{name:<9} ms/step per block: {' '.join(f'{m:.0f}' for m in ms)}  median {statistics.median(ms):.0f}")

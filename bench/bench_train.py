@@ -186,16 +186,38 @@ def build(model_key: str, variant: str, max_length: int, workdir: Path, dropout:
     return tok, data, model, inner, n_params
 
 
-def hand_loop(model, batches, counter: Counter, steps: int, warmup: int, bf16: bool, lr: float) -> float:
-    """The framework-overhead ceiling: the same batches and math as StudioTrainer
-    (labeled-only head, summed CE over the trained tokens, AdamW, clip at 1.0, bf16
-    autocast) in a bare loop. Returns the seconds of the timed steps."""
+def loop_step(model, decoder, batch: dict, optimizer, params, bf16: bool) -> float:
+    """One step of StudioTrainer's math in a bare loop (labeled-only head, summed CE over the
+    trained tokens, AdamW, clip at 1.0, bf16 autocast), the decoder given (eager or compiled);
+    returns the loss. ``batch`` is left as it was."""
     import torch
     import torch.nn.functional as F
 
+    base = model.get_base_model()
+    labels = batch["labels"]
+    select = torch.zeros_like(labels, dtype=torch.bool)
+    select[:, :-1] = labels[:, 1:] != -100
+    targets = labels[:, 1:][select[:, :-1]]
+    keep = {k: v for k, v in batch.items() if k not in ("labels", "num_tokens", "item_lens")}
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        hidden = decoder(**keep, use_cache=False).last_hidden_state
+        logits = base.lm_head(hidden[select])
+    loss = F.cross_entropy(logits.float(), targets, reduction="sum") / max(targets.numel(), 1)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.item()
+
+
+def hand_loop(model, batches, counter: Counter, steps: int, warmup: int, bf16: bool, lr: float) -> float:
+    """The framework-overhead ceiling: the same batches and math as StudioTrainer in a bare
+    loop (``loop_step``). Returns the seconds of the timed steps."""
+    import torch
+
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    base = model.get_base_model()
+    decoder = model.get_base_model().model
     model.train()
     t0 = None
     for step in range(warmup + steps):
@@ -204,20 +226,7 @@ def hand_loop(model, batches, counter: Counter, steps: int, warmup: int, bf16: b
             counter.reset()
             t0 = time.perf_counter()
         counter.count(batch)
-        labels = batch.pop("labels")
-        select = torch.zeros_like(labels, dtype=torch.bool)
-        select[:, :-1] = labels[:, 1:] != -100
-        targets = labels[:, 1:][select[:, :-1]]
-        keep = {k: v for k, v in batch.items() if k not in ("num_tokens", "item_lens")}
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            hidden = base.model(**keep, use_cache=False).last_hidden_state
-            logits = base.lm_head(hidden[select])
-        loss = F.cross_entropy(logits.float(), targets, reduction="sum") / max(targets.numel(), 1)
-        loss.backward()
-        counter.losses.append(loss.item())
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        counter.losses.append(loop_step(model, decoder, batch, opt, params, bf16))
     return time.perf_counter() - t0
 
 
