@@ -257,6 +257,59 @@ def test_the_direct_render_keeps_the_sandbox(minimind_tokenizer):
                                                                                              tokenize=False) == "user:2:;"
 
 
+# templates that reach through each shortcut of ``encode._fast_template`` (a str's methods, a loop's and a
+# namespace's attributes, calling a str method) for what the sandbox allows and for what it stops
+_SHORTCUT_PROBES = [
+    "{% for m in messages %}{{ m.content.upper() }}{{ m.content.split(' ')|length }}"
+    "{{ m.content.startswith('h') }}{% endfor %}",
+    "{% for m in messages %}{{ loop.index0 }}{{ loop.first }}{{ loop.last }}{{ loop.cycle('a', 'b') }}{% endfor %}",
+    "{% set ns = namespace(n=0, f=messages[0].content.format) %}{% for m in messages %}{% set ns.n = ns.n + 1 %}"
+    "{% endfor %}{{ ns.n }}{{ ns.f(1) }}{{ ns.missing }}",
+    "{{ messages[0].content.format(messages[0]) }}",  # "{0.__class__}": the sandbox's formatter refuses it
+    "{{ messages[1].content.format_map({'a': 1}) }}",
+    "{{ messages[0].content.__class__.__mro__ }}",
+    "{{ messages[0].content.__class__.__mro__[1].__subclasses__() }}",
+    "{% for m in messages %}{{ loop.__class__.__init__.__globals__ }}{% endfor %}",
+    "{% set ns = namespace(a=1) %}{{ ns._Namespace__attrs }}{{ ns.__dict__.clear() }}",
+    "{{ messages[0].content.nothing }}{{ messages[0].content.nothing() }}",
+]
+
+
+@pytest.mark.parametrize("source", _SHORTCUT_PROBES)
+def test_the_direct_render_answers_as_the_sandbox_does_through_every_shortcut(minimind_tokenizer, source):
+    """Each probe renders to the same text through the direct path as through apply_chat_template, or
+    is stopped by the same exception (SecurityError for the internals and the unsafe format)."""
+    import jinja2
+
+    tok = copy.deepcopy(minimind_tokenizer)
+    tok.chat_template = source
+    messages = [{"role": "user", "content": "{0.__class__}"}, {"role": "assistant", "content": "hi there"}]
+    outcomes = []
+    for render in (lambda: tok.apply_chat_template(messages, tokenize=False),
+                   lambda: encode_module._template_renderer(tok)(messages, False)):
+        try:
+            outcomes.append(("text", render()))
+        except (jinja2.exceptions.SecurityError, jinja2.exceptions.UndefinedError, TypeError) as error:
+            outcomes.append((type(error), str(error)))
+    assert outcomes[0] == outcomes[1]
+
+
+def test_the_probes_reach_the_sandbox_refusals(minimind_tokenizer):
+    """The probes above test refusals, not only renders: the internals raise SecurityError, and the
+    format method stays the sandbox's (``"{0.__class__}".format(x)`` gives nothing, not x's class)."""
+    import jinja2
+
+    tok = copy.deepcopy(minimind_tokenizer)
+    messages = [{"role": "user", "content": "{0.__class__}"}]
+    for source in _SHORTCUT_PROBES[5:8]:
+        tok.chat_template = source
+        with pytest.raises(jinja2.exceptions.SecurityError, match="unsafe"):
+            encode_module._template_renderer(tok)(messages, False)
+    tok.chat_template = _SHORTCUT_PROBES[3]
+    assert encode_module._template_renderer(tok)(messages, False) == ""
+    assert "{0.__class__}".format(messages[0]) == "<class 'dict'>"
+
+
 def test_hf_chat_template_falls_back_to_apply_chat_template_when_the_direct_render_differs(minimind_tokenizer,
                                                                                            monkeypatch):
     """Should transformers render differently from the compiled template called straight (a new template

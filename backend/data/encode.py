@@ -319,30 +319,68 @@ def _template_renderer(tokenizer):
 
 
 _DICT_ATTRIBUTES = frozenset(dir(dict))
+# str attributes the sandbox hands out unchanged: public (no "_"), not the format methods it wraps
+_STR_PLAIN_ATTRIBUTES = frozenset(n for n in dir(str) if not n.startswith("_")) - {"format", "format_map"}
+_BUILTIN_METHOD = type("".startswith)
 
 
 @functools.lru_cache(maxsize=8)
 def _fast_template(source: str):
     """``source`` compiled in an overlay of the environment transformers compiles chat templates in (the
-    same sandbox, extensions, filters and globals) whose ``getattr`` reads a plain dict's key first when
-    the name is no attribute of dict. The sandbox's own ``getattr`` does exactly that too, but only after
-    ``getattr(dict, name)`` has raised AttributeError, for every ``message.role`` / ``message.content``
-    of every render: a fifth of a render. The result is the same value or the same undefined."""
+    same sandbox, extensions, filters and globals) with shortcuts for what a chat template does per
+    message, each giving what the sandbox gives (tested against it):
+
+    - ``getattr`` reads a plain dict's key first when the name is no attribute of dict (the sandbox
+      does too, but only after ``getattr(dict, name)`` has raised AttributeError);
+    - a public method of an exact ``str`` other than ``format``/``format_map`` (``content.startswith``)
+      is returned as is: the sandbox's checks (private, internal, mutable, format) all pass for it;
+    - a public attribute of a loop (``loop.first``) or of a ``namespace()`` is read directly, the
+      sandbox's ``format`` wrapping kept: its private, internal and mutable checks pass for these types
+      (and its ``isinstance`` chain is slow on a namespace, whose every attribute read is Python);
+    - calling a method of an exact ``str`` calls it: the sandbox's safe-callable and pass-context
+      checks do nothing for it.
+
+    Together they were half of a render's time (``bench/bench_render.py`` measures it)."""
+    from jinja2.runtime import LoopContext
+    from jinja2.utils import Namespace
     from transformers.utils.chat_template_utils import _compile_jinja_template
 
     env = _compile_jinja_template(source).environment.overlay()
-    sandboxed_getattr = type(env).getattr
+    sandboxed_getattr, sandboxed_call = type(env).getattr, type(env).call
+    namespace = env.globals.get("namespace")
+    checked_kinds = {LoopContext} | ({namespace} if isinstance(namespace, type) and issubclass(namespace, Namespace) else set())
 
-    def getattr_dict_key_first(obj, attribute):
-        if type(obj) is dict and attribute not in _DICT_ATTRIBUTES:
+    def getattr_plain_first(obj, attribute):
+        kind = type(obj)
+        if kind is dict and attribute not in _DICT_ATTRIBUTES:
             try:
                 return obj[attribute]
             except KeyError:
                 return env.undefined(obj=obj, name=attribute)
+        if kind is str and attribute in _STR_PLAIN_ATTRIBUTES:
+            return getattr(obj, attribute)
+        if kind in checked_kinds and not attribute.startswith("_"):
+            try:
+                value = getattr(obj, attribute)
+            except AttributeError:
+                return sandboxed_getattr(env, obj, attribute)
+            wrapped = env.wrap_str_format(value)
+            return value if wrapped is None else wrapped
         return sandboxed_getattr(env, obj, attribute)
 
-    env.getattr = getattr_dict_key_first
-    return env.from_string(source)
+    def call_str_method_directly(__context, __obj, *args, **kwargs):
+        if type(__obj) is _BUILTIN_METHOD and type(__obj.__self__) is str:
+            kwargs.pop("_loop_vars", None)
+            kwargs.pop("_block_vars", None)
+            return __obj(*args, **kwargs)
+        return sandboxed_call(env, __context, __obj, *args, **kwargs)
+
+    env.getattr, env.call = getattr_plain_first, call_str_method_directly
+    compiled = env.from_string(source)
+    # a snapshot of the globals as a plain dict: each render copies them into its context, and a copy
+    # of the ChainMap jinja keeps reads every key through both maps (nothing adds globals later)
+    compiled.globals = dict(compiled.globals)
+    return compiled
 
 
 def _chat_spans(conversation: list[dict], messages: list[dict], text: str, prompts, uptos):
