@@ -15,9 +15,13 @@ datasets cache; dataset load, map_fn, template, tokenize and pack all
 counted), for an XTuner template (``qwen_chat``) and for ``hf_chat_template``
 (the tokenizer's own chat template), with the seconds of each phase, and
 then, from one profiled round, where the encode step's time goes. The issue's
-floor: >= 1.5x LLaMA-Factory's 2,690 ex/s cold on this machine kind.
+floor: >= 1.5x LLaMA-Factory's 2,690 ex/s cold on this machine kind. With
+``--llamafactory PYTHON`` (an environment with llamafactory 0.9.5: it pins
+older transformers and datasets than ours) LLaMA-Factory's own cold rounds run
+interleaved with ours (``peer_llamafactory_data.py``) and the ratios are
+against them, which holds on a host whose speed drifts.
 
-    python bench/bench_data.py [--rows 2000] [--repeat 3] [--cold] [--no-xtuner]
+    python bench/bench_data.py [--rows 2000] [--repeat 3] [--cold [--llamafactory PYTHON]] [--no-xtuner]
 """
 
 from __future__ import annotations
@@ -164,20 +168,55 @@ def run_cold_child(path: Path, template: str, profile: bool = False) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def run_llamafactory_child(python: str, path: Path) -> dict:
+    """One cold round of LLaMA-Factory's own preprocessing under its interpreter
+    (``peer_llamafactory_data.py``)."""
+    cmd = [python, str(ROOT / "bench" / "peer_llamafactory_data.py"), "--data", str(path),
+           "--warmup", str(make_input(path.parent, "identity.json", 50)),
+           "--tokenizer", str(SHARED / "tokenizers" / "minimind_chatml")]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"LLaMA-Factory's round under {python} failed (exit {out.returncode}):\n"
+                         + "\n".join(out.stderr.strip().splitlines()[-8:]))
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def median_phases(rounds: list[dict]) -> tuple[dict, float]:
+    """Each phase's median seconds, and the rate (ex/s) of the pipeline without the tokenizer load."""
+    phases = {k: statistics.median(r["seconds"][k] for r in rounds) for k in rounds[0]["seconds"]}
+    return phases, rounds[0]["rows"] / sum(v for k, v in phases.items() if k != "tokenizer load")
+
+
+def print_phases(phases: dict) -> None:
+    for name, secs in phases.items():
+        print(f"  {name:<40} {secs * 1000:8.1f} ms")
+
+
 def cold_rounds(args, tmp: Path) -> None:
+    """Our cold rounds for each template, interleaved with LLaMA-Factory's when its interpreter is given
+    (the host drifts, so a ratio measured side by side is the figure that holds)."""
     path = make_input(tmp, "alpaca_en_demo.json", args.rows)
     print(f"\ncold, end to end, a fresh process per round (imports and first-use set-up not counted; "
           f"tokenizer load shown apart), "
           f"{args.rows} alpaca rows, max_length 512, median of {args.repeat}; load: {os.getloadavg()[0]:.2f}")
+    rounds = {name: [] for name in COLD_TEMPLATES + (("LLaMA-Factory",) if args.llamafactory else ())}
+    for _ in range(args.repeat):
+        for template in COLD_TEMPLATES:
+            rounds[template].append(run_cold_child(path, template))
+        if args.llamafactory:
+            rounds["LLaMA-Factory"].append(run_llamafactory_child(args.llamafactory, path))
+    peer, peer_source = LLAMA_FACTORY_COLD, "the issue's figure"
+    if args.llamafactory:
+        phases, peer = median_phases(rounds["LLaMA-Factory"])
+        peer_source = "measured here, interleaved"
+        print(f"\nLLaMA-Factory 0.9.5 (its get_dataset, template qwen, no packing): {peer:8.0f} ex/s")
+        print_phases(phases)
     for template in COLD_TEMPLATES:
-        rounds = [run_cold_child(path, template) for _ in range(args.repeat)]
-        phases = {k: statistics.median(r["seconds"][k] for r in rounds) for k in rounds[0]["seconds"]}
-        pipeline = sum(v for k, v in phases.items() if k != "tokenizer load")
-        rate = rounds[0]["rows"] / pipeline
-        print(f"\n{template}: {rate:8.0f} ex/s load -> pack ({rate / LLAMA_FACTORY_COLD:.2f}x LLaMA-Factory's "
-              f"{LLAMA_FACTORY_COLD:.0f}; floor 1.5x), {rounds[0]['tokens'] / rounds[0]['kept']:.0f} tokens/sample")
-        for name, secs in phases.items():
-            print(f"  {name:<40} {secs * 1000:8.1f} ms")
+        phases, rate = median_phases(rounds[template])
+        kept = rounds[template][0]
+        print(f"\n{template}: {rate:8.0f} ex/s load -> pack ({rate / peer:.2f}x LLaMA-Factory's {peer:.0f}, "
+              f"{peer_source}; floor 1.5x), {kept['tokens'] / kept['kept']:.0f} tokens/sample")
+        print_phases(phases)
         profiled = run_cold_child(path, template, profile=True)["profile"]
         print("  inside the encode step (one profiled round; Python reads high under the profiler):")
         for name, share in sorted(profiled.items(), key=lambda kv: -kv[1]):
@@ -190,6 +229,9 @@ def main():
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--no-xtuner", action="store_true")
     ap.add_argument("--cold", action="store_true", help="only the cold end-to-end rounds, fresh processes")
+    ap.add_argument("--llamafactory", metavar="PYTHON", default=None,
+                    help="with --cold: an interpreter with llamafactory 0.9.5 installed; its rounds run "
+                         "interleaved with ours and the ratios are against them")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)  # one cold round: this template
     ap.add_argument("--data", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--profile", action="store_true", help=argparse.SUPPRESS)
