@@ -26,7 +26,13 @@ per sample (backend/train/attention.py: Σ nᵢ²). hand_loop: ours_packed's
 batches (from the same dataloader) and math in a bare PyTorch loop.
 
     python bench/bench_train.py [--steps 12] [--models a,b | --hidden 1024] [--max-length 512]
-        [--precisions fp32,bf16] [--variants ...] [--profile]
+        [--precisions fp32,bf16] [--variants ...] [--profile] [--rounds N] [--llamafactory PYTHON]
+
+``--llamafactory PYTHON`` (an environment with llamafactory 0.9.5) adds LLaMA-Factory's own fp32 runs
+through its ``run_exp`` (``peer_llamafactory_train.py``: padded, packed, neat packing, each with its
+default activation checkpointing and without) to the table, in the same session, and prints the
+issue's floors as ratios to them. Our variants run with bitsandbytes and DeepSpeed hidden, as the
+training worker runs a LoRA job (peft imports bitsandbytes whenever it is installed: ~120 MB of RSS).
 """
 
 from __future__ import annotations
@@ -55,6 +61,11 @@ MODELS = {
 # ours_packed_mask: packed blocks, 4-D block-diagonal mask, sdpa; ours_packed: packed, flattened,
 # per-sample SDPA (backend/train/attention.py); hand_loop: ours_packed's batches and math in a bare loop
 VARIANTS = ("baseline", "ours_padded", "ours_packed_mask", "ours_packed", "hand_loop")
+# LLaMA-Factory's own runs (peer_llamafactory_train.py), fp32 as in the issue's table: its defaults (activation
+# checkpointing on) and, "_no_gc", without checkpointing (faster, more memory: like ours)
+PEER_VARIANTS = {f"lf_{kind}{suffix}": flags + more for kind, flags in
+                 (("unpacked", []), ("packed", ["--packing"]), ("neat_packing", ["--neat-packing"]))
+                 for suffix, more in (("", []), ("_no_gc", ["--no-gradient-checkpointing"]))}
 PACKED = ("ours_packed_mask", "ours_packed", "hand_loop")
 
 
@@ -289,13 +300,14 @@ def one(model_key: str, variant: str, precision: str, steps: int, warmup: int, w
         trainer.train()
         seconds = clock["t1"] - clock["t0"]
     tps = counter.real / seconds
+    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the run's, before the matmul probe's
     peak = matmul_peak(torch.bfloat16 if bf16 else torch.float32)
     flops = linear_flops_per_token(model.get_base_model().config) * counter.real \
         + attention_flops(model.get_base_model().config, counter.pairs)
     return {
         "model": model_key, "params": n_params, "variant": variant, "precision": precision,
         "tokens_per_s": tps, "ms_per_step": 1000 * seconds / steps, "padding": 1 - counter.real / counter.total,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": rss_mb,
         "mfu": flops / seconds / peak, "peak_gflops": peak / 1e9, "loss": counter.final_loss(),
     }
 
@@ -303,9 +315,74 @@ def one(model_key: str, variant: str, precision: str, steps: int, warmup: int, w
 def row(r: dict, base: float | None, loop: float | None) -> str:
     ratio = lambda ref: f"{r['tokens_per_s'] / ref:7.2f}x" if ref else "       -"  # noqa: E731
     name = f"{r['model']} {r['params'] / 1e6:.1f}M"
+    measured = (f"{r['peak_gflops']:9.0f}{100 * r['mfu']:7.1f}%" if "mfu" in r else f"{'-':>9}{'-':>8}")
     return (f"{name:<12}{r['precision']:<6}{r['variant']:<17}{r['tokens_per_s']:9.0f}{r['ms_per_step']:9.0f}"
             f"{ratio(base):>9}{ratio(loop):>9}{100 * r['padding']:8.1f}%{r['peak_rss_mb']:8.0f}"
-            f"{r['peak_gflops']:9.0f}{100 * r['mfu']:7.1f}%{r['loss']:8.3f}")
+            f"{measured}{r['loss']:8.3f}")
+
+
+def run_ours(model_key: str, variant: str, precision: str, args, env: dict, workdir: Path, profile: bool) -> dict | None:
+    """One of our variants in a process of its own; None (and the error printed) if it failed."""
+    cmd = [sys.executable, __file__, "--one", f"{model_key}:{variant}:{precision}", "--workdir", str(workdir),
+           "--steps", str(args.steps), "--warmup", str(args.warmup), "--max-length", str(args.max_length),
+           "--lora-dropout", str(args.lora_dropout)]
+    profile = profile and args.profile and variant == args.profile_variant
+    out = subprocess.run(cmd + (["--profile"] if profile else []), capture_output=True, text=True, env=env)
+    line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
+    if line is None:
+        print(f"{model_key:<12}{precision:<6}{variant:<17} failed:\n{out.stderr[-2000:]}")
+        return None
+    if profile:
+        print(out.stderr[-6000:])
+    return json.loads(line[7:])
+
+
+def median_run(runs: list[dict]) -> dict:
+    """The run with the median tokens/s (the upper middle of an even count), its other figures with it."""
+    return sorted(runs, key=lambda r: r["tokens_per_s"])[len(runs) // 2]
+
+
+def run_peer(python: str, model_key: str, variant: str, args, env: dict, workdir: Path) -> dict | None:
+    """One LLaMA-Factory run (fp32) under its interpreter, as a row of the table; None if it failed. It
+    runs with its own default LoRA dropout, 0, whatever ``--lora-dropout`` says: its fastest setting."""
+    cmd = [python, str(ROOT / "bench" / "peer_llamafactory_train.py"), "--dims", json.dumps(model_dims(model_key)),
+           "--tokenizer", str(workdir / "tokenizer"), "--data", str(SHARED / "data" / "alpaca" / "alpaca_en_demo.json"),
+           "--steps", str(args.steps), "--warmup", str(args.warmup), *PEER_VARIANTS[variant]]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
+    if line is None:
+        print(f"{model_key:<12}{'fp32':<6}{variant:<17} failed:\n{out.stderr[-2000:]}")
+        return None
+    return {"model": model_key, "variant": variant, "precision": "fp32", **json.loads(line[7:])}
+
+
+def print_floors(results: dict, model_key: str) -> None:
+    """The issue's floors as ratios to LLaMA-Factory's runs measured in this session: its defaults (what the
+    issue's table measured) and, stricter, its faster run without activation checkpointing. The issue's
+    best peer for fp32 packing, XTuner, was 1.09x LLaMA-Factory's packing there; it is not installed here.
+    "Our defaults" is what ``auto`` picks on this CPU: bf16 with a block mask at 512 where the CPU has
+    bf16 instructions, else fp32 per sample."""
+    from backend.train.trainer import cpu_has_bf16
+
+    run = lambda precision, variant: results.get((precision, variant), {})  # noqa: E731
+    tps = lambda variant: run("fp32", variant).get("tokens_per_s", 0)  # noqa: E731
+    fastest = lambda suffix, *kinds: max(tps(f"lf_{k}{suffix}") for k in kinds)  # noqa: E731
+    defaults = ("bf16", "ours_packed_mask") if cpu_has_bf16() else ("fp32", "ours_packed")
+    checks = [("unpacked: ours_padded fp32 / LLaMA-Factory unpacked", run("fp32", "ours_padded"), ("unpacked",), 1.2),
+              ("packed, samples isolated: ours_packed fp32 / LLaMA-Factory neat packing", run("fp32", "ours_packed"),
+               ("neat_packing",), 1.3),
+              (f"our defaults: {defaults[1]} {defaults[0]} / LLaMA-Factory's fastest fp32", run(*defaults),
+               ("unpacked", "packed", "neat_packing"), 2.0)]
+    for name, ours, kinds, floor in checks:
+        default, no_gc = fastest("", *kinds), fastest("_no_gc", *kinds)
+        if ours.get("tokens_per_s") and default and no_gc:
+            print(f"{model_key}: {name}: {ours['tokens_per_s'] / default:.2f}x its defaults, "
+                  f"{ours['tokens_per_s'] / no_gc:.2f}x without checkpointing (floor {floor}x)")
+    ours = run(*defaults).get("peak_rss_mb")
+    for peer in ("lf_packed", "lf_packed_no_gc"):
+        if ours and run("fp32", peer).get("peak_rss_mb"):
+            print(f"{model_key}: peak RSS, {defaults[1]} {defaults[0]} / {peer}: "
+                  f"{ours / run('fp32', peer)['peak_rss_mb']:.2f}x (floor 1.05x)")
 
 
 def main():
@@ -322,11 +399,20 @@ def main():
     ap.add_argument("--profile-variant", default="ours_packed", help="the variant --profile profiles")
     ap.add_argument("--lora-dropout", type=float, default=0.0,
                     help="LoRA dropout (peft's for the baseline, ours for the rest; the recipes' default is 0.1)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run every variant this many times, interleaved, and report each one's median run")
+    ap.add_argument("--llamafactory", metavar="PYTHON", default=None,
+                    help="an interpreter with llamafactory 0.9.5: its fp32 runs (unpacked, packed, neat packing) "
+                         "join the table and the floors are printed as ratios to them")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
         model_key, variant, precision = args.one.split(":")
+        if variant != "baseline":  # as the training worker does for a LoRA run without --deepspeed: peft
+            from backend.train.phases import OPTIONAL_STACKS, hide  # imports bitsandbytes when installed
+
+            hide(OPTIONAL_STACKS)
         res = one(model_key, variant, precision, args.steps, args.warmup, Path(args.workdir), args.profile,
                   args.max_length, args.lora_dropout)
         print("RESULT " + json.dumps(res))
@@ -341,26 +427,24 @@ def main():
     print(f"{'model':<12}{'prec':<6}{'variant':<17}{'tok/s':>9}{'ms/step':>9}{'vs base':>9}{'vs loop':>9}"
           f"{'padding':>9}{'RSS MB':>8}{'peak GF':>9}{'MFU':>8}{'loss':>8}")
     for model_key in models:
+        measured = {}
         for precision in args.precisions.split(","):
-            results = {}
-            for variant in args.variants.split(","):
-                cmd = [sys.executable, __file__, "--one", f"{model_key}:{variant}:{precision}", "--workdir",
-                       str(workdir), "--steps", str(args.steps), "--warmup", str(args.warmup),
-                       "--max-length", str(args.max_length), "--lora-dropout", str(args.lora_dropout)]
-                if args.profile and variant == args.profile_variant:
-                    cmd.append("--profile")
-                out = subprocess.run(cmd, capture_output=True, text=True, env=env)
-                line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
-                if line is None:
-                    print(f"{model_key:<12}{precision:<6}{variant:<17} failed:\n{out.stderr[-2000:]}")
-                    continue
-                if args.profile and variant == args.profile_variant:
-                    print(out.stderr[-6000:])
-                results[variant] = json.loads(line[7:])
+            names = args.variants.split(",") + (list(PEER_VARIANTS) if args.llamafactory and precision == "fp32" else [])
+            runs = {name: [] for name in names}
+            for round_ in range(args.rounds):  # interleaved: every variant once a round, on the same host state
+                for name in names:
+                    run = (run_peer(args.llamafactory, model_key, name, args, env, workdir) if name in PEER_VARIANTS
+                           else run_ours(model_key, name, precision, args, env, workdir, profile=round_ == 0))
+                    if run:
+                        runs[name].append(run)
+            results = {name: median_run(rs) for name, rs in runs.items() if rs}
             base = results.get("baseline", {}).get("tokens_per_s")
             loop = results.get("hand_loop", {}).get("tokens_per_s")
             for r in results.values():
                 print(row(r, base, loop), flush=True)
+            measured.update({(precision, v): r for v, r in results.items()})
+        if args.llamafactory:
+            print_floors(measured, model_key)
     print("(vs base: over plain Trainer + DataCollatorForSeq2Seq; vs loop: over hand_loop, the same batches in a "
           "bare loop. MFU: 4 x linear params per real token + useful causal attention, over 'peak GF', a "
           "2048x2048 matmul timed in the same process at the same precision; loss: mean training loss of the "
