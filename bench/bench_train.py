@@ -321,20 +321,27 @@ def row(r: dict, base: float | None, loop: float | None) -> str:
             f"{measured}{r['loss']:8.3f}")
 
 
+def run_child(cmd: list[str], env: dict, label: str) -> tuple[dict | None, str]:
+    """A bench child's ``RESULT`` line as a dict (None, and its error printed under ``label``, if it
+    printed none), with its stderr."""
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
+    if line is None:
+        print(f"{label} failed:\n{out.stderr[-2000:]}")
+        return None, out.stderr
+    return json.loads(line[7:]), out.stderr
+
+
 def run_ours(model_key: str, variant: str, precision: str, args, env: dict, workdir: Path, profile: bool) -> dict | None:
     """One of our variants in a process of its own; None (and the error printed) if it failed."""
     cmd = [sys.executable, __file__, "--one", f"{model_key}:{variant}:{precision}", "--workdir", str(workdir),
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--max-length", str(args.max_length),
            "--lora-dropout", str(args.lora_dropout)]
     profile = profile and args.profile and variant == args.profile_variant
-    out = subprocess.run(cmd + (["--profile"] if profile else []), capture_output=True, text=True, env=env)
-    line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
-    if line is None:
-        print(f"{model_key:<12}{precision:<6}{variant:<17} failed:\n{out.stderr[-2000:]}")
-        return None
-    if profile:
-        print(out.stderr[-6000:])
-    return json.loads(line[7:])
+    result, stderr = run_child(cmd + (["--profile"] if profile else []), env, f"{model_key:<12}{precision:<6}{variant:<17}")
+    if result and profile:
+        print(stderr[-6000:])
+    return result
 
 
 def median_run(runs: list[dict]) -> dict:
@@ -348,12 +355,8 @@ def run_peer(python: str, model_key: str, variant: str, args, env: dict, workdir
     cmd = [python, str(ROOT / "bench" / "peer_llamafactory_train.py"), "--dims", json.dumps(model_dims(model_key)),
            "--tokenizer", str(workdir / "tokenizer"), "--data", str(SHARED / "data" / "alpaca" / "alpaca_en_demo.json"),
            "--steps", str(args.steps), "--warmup", str(args.warmup), *PEER_VARIANTS[variant]]
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
-    if line is None:
-        print(f"{model_key:<12}{'fp32':<6}{variant:<17} failed:\n{out.stderr[-2000:]}")
-        return None
-    return {"model": model_key, "variant": variant, "precision": "fp32", **json.loads(line[7:])}
+    result, _ = run_child(cmd, env, f"{model_key:<12}{'fp32':<6}{variant:<17}")
+    return result and {"model": model_key, "variant": variant, "precision": "fp32", **result}
 
 
 def print_floors(results: dict, model_key: str) -> None:
@@ -402,8 +405,9 @@ def main():
     ap.add_argument("--rounds", type=int, default=1,
                     help="run every variant this many times, interleaved, and report each one's median run")
     ap.add_argument("--llamafactory", metavar="PYTHON", default=None,
-                    help="an interpreter with llamafactory 0.9.5: its fp32 runs (unpacked, packed, neat packing) "
-                         "join the table and the floors are printed as ratios to them")
+                    help="an interpreter with llamafactory 0.9.5: its fp32 runs (unpacked, packed, neat packing; "
+                         "with and without its activation checkpointing) join the table and the floors are "
+                         "printed as ratios to them")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
