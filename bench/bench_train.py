@@ -249,10 +249,11 @@ def one(model_key: str, variant: str, precision: str, steps: int, warmup: int, w
     from backend.train.trainer import StudioTrainer
 
     bf16 = precision == "bf16"
-    if variant != "baseline":  # what the training worker does first (plain Trainer keeps glibc's defaults)
-        from backend.train.allocator import keep_freed_memory
+    if variant != "baseline":  # what the training worker does first (plain Trainer keeps glibc's and oneDNN's defaults)
+        from backend.train.allocator import bound_onednn_cache, keep_freed_memory
 
         keep_freed_memory()
+        bound_onednn_cache()
     tok, data, model, collator, n_params = build(model_key, variant, max_length, workdir, dropout, bf16)
     counter = Counter()
     args = TrainingArguments(

@@ -5,6 +5,7 @@ this test process's heap has a history)."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -42,3 +43,21 @@ def test_the_worker_sets_it_before_anything_is_built():
 
     source = inspect.getsource(worker.main)
     assert source.index("keep_freed_memory()") < source.index("from .trainer import train")
+    assert source.index("bound_onednn_cache()") < source.index("from .trainer import train")
+
+
+def test_onednn_cache_is_capped_unless_the_user_set_it(monkeypatch):
+    """bf16 matmuls on a CPU grew oneDNN's primitive cache (and RSS) every step: the training process
+    caps it, and a capacity set under either of oneDNN's names is left as it is."""
+    from backend.train.allocator import ONEDNN_CACHE_ENTRIES, bound_onednn_cache
+
+    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
+    monkeypatch.delenv("DNNL_PRIMITIVE_CACHE_CAPACITY", raising=False)
+    assert bound_onednn_cache() == ONEDNN_CACHE_ENTRIES == "32"
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "32"
+    monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "500")
+    assert bound_onednn_cache() == "500"
+    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY")
+    monkeypatch.setenv("DNNL_PRIMITIVE_CACHE_CAPACITY", "7")
+    assert bound_onednn_cache() == "7"
+    assert "ONEDNN_PRIMITIVE_CACHE_CAPACITY" not in os.environ
