@@ -412,6 +412,9 @@ def main():
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    unknown = [v for v in (args.one.split(":")[1:2] if args.one else args.variants.split(",")) if v not in VARIANTS]
+    if unknown:
+        ap.error(f"unknown variant {', '.join(unknown)}: choose from {', '.join(VARIANTS)}")
     if args.one:
         model_key, variant, precision = args.one.split(":")
         if variant != "baseline":  # as the training worker does for a LoRA run without --deepspeed: peft
