@@ -35,9 +35,9 @@ def main():
     import torch
     from torch.utils.data import DataLoader
 
-    from backend.train.allocator import keep_freed_memory
+    from backend.train.allocator import prepare_training_process
 
-    keep_freed_memory()  # as the worker does
+    prepare_training_process()  # as the worker does
     workdir = Path(tempfile.mkdtemp(prefix="bench_compile_"))
     bench_train.build_tokenizer(workdir / "tokenizer")
     _, data, model, collator, _ = bench_train.build("a", "ours_packed_mask", 512, workdir, dropout=0.1, bf16=True)

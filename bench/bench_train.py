@@ -250,10 +250,9 @@ def one(model_key: str, variant: str, precision: str, steps: int, warmup: int, w
 
     bf16 = precision == "bf16"
     if variant != "baseline":  # what the training worker does first (plain Trainer keeps glibc's and oneDNN's defaults)
-        from backend.train.allocator import bound_onednn_cache, keep_freed_memory
+        from backend.train.allocator import prepare_training_process
 
-        keep_freed_memory()
-        bound_onednn_cache()
+        prepare_training_process()
     tok, data, model, collator, n_params = build(model_key, variant, max_length, workdir, dropout, bf16)
     counter = Counter()
     args = TrainingArguments(

@@ -42,8 +42,7 @@ def test_the_worker_sets_it_before_anything_is_built():
     from backend.train import worker
 
     source = inspect.getsource(worker.main)
-    assert source.index("keep_freed_memory()") < source.index("from .trainer import train")
-    assert source.index("bound_onednn_cache()") < source.index("from .trainer import train")
+    assert source.index("prepare_training_process()") < source.index("from .trainer import train")
 
 
 def test_onednn_cache_is_capped_unless_the_user_set_it(monkeypatch):
@@ -61,3 +60,16 @@ def test_onednn_cache_is_capped_unless_the_user_set_it(monkeypatch):
     monkeypatch.setenv("DNNL_PRIMITIVE_CACHE_CAPACITY", "7")
     assert bound_onednn_cache() == "7"
     assert "ONEDNN_PRIMITIVE_CACHE_CAPACITY" not in os.environ
+
+
+def test_the_training_process_preparation_sets_both(monkeypatch):
+    """What the worker (and bench_train) call first: the malloc settings take and the cache is capped."""
+    from backend.train import allocator
+
+    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
+    monkeypatch.delenv("DNNL_PRIMITIVE_CACHE_CAPACITY", raising=False)
+    taken = []
+    monkeypatch.setattr(allocator, "keep_freed_memory", lambda: taken.append("malloc") or True)
+    allocator.prepare_training_process()
+    assert taken == ["malloc"]
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == allocator.ONEDNN_CACHE_ENTRIES

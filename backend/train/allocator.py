@@ -59,3 +59,9 @@ def keep_freed_memory() -> bool:
         return False
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
     return all(mallopt(param, value) == 1 for param, value in SETTINGS)
+
+
+def prepare_training_process() -> None:
+    """What a training process sets before it builds anything: freed memory kept, oneDNN's cache bounded."""
+    keep_freed_memory()
+    bound_onednn_cache()

@@ -116,11 +116,10 @@ def main(argv=None) -> int:
     ap.add_argument("--no-redirect", action="store_true", help="keep stdout/stderr (debugging)")
     args = ap.parse_args(argv)
     from ..core.rundir import RunDir
-    from .allocator import bound_onednn_cache, keep_freed_memory
+    from .allocator import prepare_training_process
     from .phases import Phases
 
-    keep_freed_memory()  # a step's freed tensors stay in the heap for the next step (allocator.py)
-    bound_onednn_cache()  # bf16 on a CPU: oneDNN's cache of compiled matmuls grew every step
+    prepare_training_process()  # freed tensors reused, oneDNN's cache bounded (allocator.py)
 
     phases = Phases("imports", since_process_start=True)
     run_dir = Path(args.run_dir).resolve()
