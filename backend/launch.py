@@ -473,6 +473,19 @@ def run(cfg: Config, spec: LaunchSpec, *, deepspeed: Path | None = None, run_dir
             lease.release()
 
 
+def ranks_env(cfg: Config, spec: LaunchSpec, devices: leases.DeviceRequest | None,
+              lease: leases.Lease | None) -> dict[str, str]:
+    """What this node's ranks get in their environment on top of ours: the leased devices, and for
+    several ranks the precision ``model.dtype: auto`` chose here, so that they all agree
+    (backend/train/precision.py)."""
+    env = devices.child_env(lease.devices) if devices is not None and lease is not None else {}
+    if spec.distributed:
+        from .train.precision import rank_env
+
+        env.update(rank_env(cfg.model.dtype, across_machines=spec.nnodes > 1 or spec.launcher == "slurm"))
+    return env
+
+
 def _run_ranks(rd: RunDir, cfg: Config, spec: LaunchSpec, deepspeed: Path | None, resume: Path | None, follow,
                owner: bool, devices: leases.DeviceRequest | None, lease: leases.Lease | None,
                phases=None) -> tuple[int, Path]:
@@ -486,7 +499,7 @@ def _run_ranks(rd: RunDir, cfg: Config, spec: LaunchSpec, deepspeed: Path | None
     if phases is not None:
         phases.end()  # the launcher's own part ends where the ranks begin
     cmd = build_command(spec, rd.path, deepspeed, resume)
-    extra_env = devices.child_env(lease.devices) if devices is not None and lease is not None else {}
+    extra_env = ranks_env(cfg, spec, devices, lease)
     printable = " ".join(cmd)
     if follow is not None:
         follow.write(f"run dir: {rd.path}\ncommand: {printable}\n")

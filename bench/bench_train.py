@@ -363,14 +363,15 @@ def print_floors(results: dict, model_key: str) -> None:
     """The issue's floors as ratios to LLaMA-Factory's runs measured in this session: its defaults (what the
     issue's table measured) and, stricter, its faster run without activation checkpointing. The issue's
     best peer for fp32 packing, XTuner, was 1.09x LLaMA-Factory's packing there; it is not installed here.
-    "Our defaults" is what ``auto`` picks on this CPU: bf16 with a block mask at 512 where the CPU has
-    bf16 instructions, else fp32 per sample."""
-    from backend.train.trainer import cpu_has_bf16
+    "Our defaults" is what ``auto`` picks on this CPU: bf16 with a block mask at 512 where bf16 matmuls
+    are measured fast enough (backend/train/precision.py), else fp32 per sample."""
+    from backend.train.precision import cpu_precision
 
     run = lambda precision, variant: results.get((precision, variant), {})  # noqa: E731
     tps = lambda variant: run("fp32", variant).get("tokens_per_s", 0)  # noqa: E731
     fastest = lambda suffix, *kinds: max(tps(f"lf_{k}{suffix}") for k in kinds)  # noqa: E731
-    defaults = ("bf16", "ours_packed_mask") if cpu_has_bf16() else ("fp32", "ours_packed")
+    defaults = ("bf16", "ours_packed_mask") if cpu_precision().bf16 else ("fp32", "ours_packed")
+    print(f"{model_key}: our defaults here: {defaults[1]} {defaults[0]} (model.dtype auto: {cpu_precision().reason})")
     checks = [("unpacked: ours_padded fp32 / LLaMA-Factory unpacked", run("fp32", "ours_padded"), ("unpacked",), 1.2),
               ("packed, samples isolated: ours_packed fp32 / LLaMA-Factory neat packing", run("fp32", "ours_packed"),
                ("neat_packing",), 1.3),

@@ -57,10 +57,14 @@ def assert_phases(run_dir, st, launcher_output):
 def test_train_one_process(tmp_path, tiny_model, method):
     run_dir = tmp_path / "run"
     model = [f"model.name_or_path={STORIES_MODEL}", "data.template=llama2_chat"] if method == "lora" else []
-    out = ftstudio("train", "tiny_demo", f"training.method={method}", *model, *quick(), "--work-dir", run_dir,
-                   cwd=tmp_path)
+    # the LoRA run's precision is `auto`, decided as a rank handed the launcher's answer would be (fp32:
+    # the same run on every host; what the measurement picks is tests/test_precision.py's)
+    auto = (["model.dtype=auto"], {"FTSTUDIO_CPU_BF16": "0"}) if method == "lora" else ([], None)
+    out = ftstudio("train", "tiny_demo", f"training.method={method}", *model, *auto[0], *quick(), "--work-dir",
+                   run_dir, cwd=tmp_path, env=auto[1])
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "step 1/" in out.stdout  # the log is echoed while it runs
+    assert ("model.dtype auto: fp32 (FTSTUDIO_CPU_BF16=0)" in out.stdout) is (method == "lora")
     st = status(run_dir)
     assert st["state"] == "finished" and st["exit_code"] == 0 and st["ended"]
     assert_phases(run_dir, st, out.stdout)
@@ -70,7 +74,7 @@ def test_train_one_process(tmp_path, tiny_model, method):
     assert len(RunDir(run_dir).checkpoints()) <= 2
     ckpt = torch.load(run_dir / f"iter_{steps[-1]}.pth", weights_only=True)
     meta = ckpt["meta"]
-    assert meta["kind"] == method and meta["step"] == steps[-1]
+    assert meta["kind"] == method and meta["step"] == steps[-1] and meta["dtype"] == "float32"
     assert meta["base_model"] == (str(STORIES_MODEL) if method == "lora" else "demo")
     assert meta["template"]["name"] == ("llama2_chat" if method == "lora" else "qwen_chat")
     keys = list(ckpt["state_dict"])

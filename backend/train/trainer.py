@@ -27,6 +27,7 @@ from ..core.rundir import RunDir, checkpoint_step
 from .attention import SEGMENT_SDPA, register
 from .collate import PackedCollator, PaddedCollator
 from .evaluation import answer_prompts, labeled_logits, sample_prompts, token_weighted_loss
+from .precision import cpu_precision
 
 
 # --- environment -----------------------------------------------------------------------
@@ -63,20 +64,12 @@ def peak_memory_mb() -> float:
     return round(kib / (2**20 if sys.platform == "darwin" else 2**10), 1)
 
 
-def cpu_has_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def resolve_dtype(name: str) -> torch.dtype:
     cuda = torch.cuda.is_available()
     if name == "auto":
         if cuda:
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.bfloat16 if cpu_has_bf16() else torch.float32
+        return torch.bfloat16 if cpu_precision().bf16 else torch.float32
     if name == "fp16" and not cuda:
         raise ConfigError("model.dtype is fp16, which needs a GPU; use bf16 or fp32 on a CPU")
     from ..models import TORCH_DTYPES
@@ -584,6 +577,9 @@ def train(run_dir: Path, deepspeed: str | None = None, resume: str | None = None
     print(f"[rank {rank}/{world}] {cfg.name}: {cfg.training.method} on {cfg.model.name_or_path}, "
           f"deepspeed={Path(deepspeed).name if deepspeed else 'off'}, resume={resume}", flush=True)
     dtype = resolve_dtype(cfg.model.dtype)
+    if cfg.model.dtype == "auto" and not torch.cuda.is_available() and rank == 0:
+        print(f"model.dtype auto: {'bf16' if dtype == torch.bfloat16 else 'fp32'} ({cpu_precision().reason})",
+              flush=True)
     attn = resolve_attention(cfg.model.attn_implementation, packed=cfg.data.pack, max_length=cfg.data.max_length,
                              dtype=dtype)
     model_path = resolve_model(cfg.model.name_or_path)
