@@ -25,13 +25,13 @@ from pathlib import Path
 
 
 def stub_media_modules() -> None:
-    """LLaMA-Factory's multimodal plugin imports torchaudio and torchvision at module level; neither has
-    a build for this torch, and text data never reaches them."""
-    for name in ("torchaudio", "torchvision"):
-        if name not in sys.modules:
-            module = types.ModuleType(name)
-            module.__spec__ = importlib.machinery.ModuleSpec(name, None)
-            sys.modules[name] = module
+    """LLaMA-Factory's multimodal plugin imports torchaudio at module level, which has no build for this
+    torch (text data never reaches it). torchvision is left alone: transformers would take a stub for the
+    real package; uninstall the broken build instead (the README's Benchmarks section)."""
+    if "torchaudio" not in sys.modules:
+        module = types.ModuleType("torchaudio")
+        module.__spec__ = importlib.machinery.ModuleSpec("torchaudio", None)
+        sys.modules["torchaudio"] = module
 
 
 def model_folder(tokenizer: str) -> str:
