@@ -36,6 +36,7 @@ def main():
     ap.add_argument("--steps-per-block", type=int, default=5)
     ap.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
     args = ap.parse_args()
+    bf16 = args.precision == "bf16"
     import torch
     from torch.utils.data import DataLoader
 
@@ -44,8 +45,7 @@ def main():
     prepare_training_process()  # as the worker does
     workdir = Path(tempfile.mkdtemp(prefix="bench_compile_"))
     bench_train.build_tokenizer(workdir / "tokenizer")
-    _, data, model, collator, _ = bench_train.build("a", "ours_packed_mask", 512, workdir, dropout=0.1,
-                                                   bf16=args.precision == "bf16")
+    _, data, model, collator, _ = bench_train.build("a", "ours_packed_mask", 512, workdir, dropout=0.1, bf16=bf16)
     loader = DataLoader(data, batch_size=4, shuffle=True, collate_fn=collator,
                         generator=torch.Generator().manual_seed(0))
     batches = list(itertools.islice(itertools.cycle(loader), 40))
@@ -57,7 +57,7 @@ def main():
     stream = itertools.cycle(batches)
 
     def step(decoder) -> None:
-        bench_train.loop_step(model, decoder, next(stream), optimizer, params, bf16=args.precision == "bf16")
+        bench_train.loop_step(model, decoder, next(stream), optimizer, params, bf16=bf16)
 
     t0 = time.perf_counter()
     step(compiled)

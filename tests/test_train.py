@@ -59,9 +59,9 @@ def test_train_one_process(tmp_path, tiny_model, method):
     model = [f"model.name_or_path={STORIES_MODEL}", "data.template=llama2_chat"] if method == "lora" else []
     # the LoRA run's precision is `auto`, decided as a rank handed the launcher's answer would be (fp32:
     # the same run on every host; what the measurement picks is tests/test_precision.py's)
-    auto = (["model.dtype=auto"], {"FTSTUDIO_CPU_BF16": "0"}) if method == "lora" else ([], None)
-    out = ftstudio("train", "tiny_demo", f"training.method={method}", *model, *auto[0], *quick(), "--work-dir",
-                   run_dir, cwd=tmp_path, env=auto[1])
+    dtype, env = (["model.dtype=auto"], {"FTSTUDIO_CPU_BF16": "0"}) if method == "lora" else ([], None)
+    out = ftstudio("train", "tiny_demo", f"training.method={method}", *model, *dtype, *quick(), "--work-dir",
+                   run_dir, cwd=tmp_path, env=env)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "step 1/" in out.stdout  # the log is echoed while it runs
     assert ("model.dtype auto: fp32 (FTSTUDIO_CPU_BF16=0)" in out.stdout) is (method == "lora")

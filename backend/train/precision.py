@@ -77,12 +77,18 @@ def bf16_matmul_speedup(n: int = 1024, repeats: int = 3) -> float:
     return best(torch.float32) / best(torch.bfloat16)
 
 
+def decided_in_env() -> str | None:
+    """``FTSTUDIO_CPU_BF16`` when it holds a decision ("1" or "0"), else None."""
+    value = os.environ.get(CPU_BF16_ENV, "").strip()
+    return value if value in ("0", "1") else None
+
+
 @functools.lru_cache(maxsize=1)
 def cpu_precision() -> CpuPrecision:
     """What ``auto`` trains in on this CPU (measured once per process; ``FTSTUDIO_CPU_BF16`` decides
     instead when set)."""
-    forced = os.environ.get(CPU_BF16_ENV, "").strip()
-    if forced in ("0", "1"):
+    forced = decided_in_env()
+    if forced is not None:
         return CpuPrecision(forced == "1", f"{CPU_BF16_ENV}={forced}")
     if not cpu_has_bf16():
         return CpuPrecision(False, "this CPU lists no bf16 instructions")
@@ -102,6 +108,6 @@ def rank_env(dtype_name: str, across_machines: bool = False) -> dict[str, str]:
 
     if dtype_name != "auto" or torch.cuda.is_available():
         return {}
-    if across_machines and os.environ.get(CPU_BF16_ENV, "").strip() not in ("0", "1"):
+    if across_machines and decided_in_env() is None:
         return {CPU_BF16_ENV: "0"}
     return {CPU_BF16_ENV: "1" if cpu_precision().bf16 else "0"}
