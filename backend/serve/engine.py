@@ -13,7 +13,8 @@ off the event loop.
   the training format, the system text on the first turn); a request's
   system message replaces the recorded system text.
 - **Scheduler.** ``slots`` long-lived worker threads take requests first in,
-  first out; at most ``max_queue`` wait, past that ``QueueFull`` (HTTP 429).
+  first out; at most ``slots + max_queue`` are in the server at once (running
+  or waiting), past that ``QueueFull`` (HTTP 429).
   Each request carries a cancel event checked at every token, so a client
   that goes away frees its slot after at most one more forward step, and a
   waiting one leaves the queue at once.
@@ -371,7 +372,7 @@ class Job:
 
 
 class Scheduler:
-    """First in, first out: ``slots`` generations at once, at most ``max_queue`` waiting (see the module
+    """First in, first out: ``slots`` generations at once, at most ``max_queue`` waiting beyond them (see the module
     docstring). Slots are per server, not per model, so one CPU or GPU is never oversubscribed."""
 
     def __init__(self, slots: int = 1, max_queue: int = 16):
@@ -399,7 +400,9 @@ class Scheduler:
             if self._closed:
                 raise QueueFull("the server is shutting down")
             self._purge()
-            if len(self._waiting) >= self.max_queue and len(self._running) + len(self._waiting) >= self.slots:
+            # Capacity counts running and waiting together: a job handed to a worker that has not woken yet
+            # is still "waiting", so testing the queue alone refused requests with a slot free (seen under load).
+            if len(self._running) + len(self._waiting) >= self.slots + self.max_queue:
                 raise QueueFull(f"the server is busy: {len(self._running)} replies running and "
                                 f"{len(self._waiting)} waiting (--max-queue {self.max_queue}); retry shortly")
             self._waiting.append(job)
