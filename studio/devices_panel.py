@@ -21,6 +21,8 @@ from .context import StudioContext, bind
 
 POLL_S = 2.0  # seconds between looks at the devices (NVML and /proc reads: well under a millisecond each)
 HEADERS = ["device", "model", "memory used / total", "utilisation", "temperature", "held by", "waiting"]
+# wide enough that no header breaks inside a word ("de/vi/ce", "util/isat/ion" at gradio's even split)
+COLUMN_WIDTHS = ["8%", "21%", "15%", "12%", "12%", "16%", "16%"]
 
 
 def _memory(used, total) -> str:
@@ -77,7 +79,7 @@ def build(ctx: StudioContext) -> DevicesPanel:
     """An open accordion (at the top of the Train tab): the table, its note, the timer."""
     with gr.Accordion("Devices", open=True, elem_id="devices"):
         table = gr.Dataframe(value=lambda: devices_table(ctx)[0], headers=HEADERS, interactive=False, wrap=True,
-                             elem_id="devices-table", max_height=260)
+                             column_widths=COLUMN_WIDTHS, elem_id="devices-table", max_height=260)
         note = gr.Markdown(elem_id="devices-note")
     seen = gr.State({})
     # queue=False: a plain request per tick (as the Runs tab's), not the queue's event stream
